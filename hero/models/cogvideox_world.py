@@ -1,0 +1,318 @@
+"""The Aether-style world model on a CogVideoX transformer: one code path for Aether and toyworld.
+
+Latent packing (Aether): per latent frame 56 channels = 16 RGB + 16 disparity (the same VAE) + 24
+raymap (6-channel raymaps of 4 frames folded into channels); the condition adds 16 image + 24 action
+raymap channels, so the transformer is 96 in / 56 out. Disparity enters as sqrt(disparity / dmax)
+mapped to [-1, 1] and replicated over RGB. Tasks: ``prediction`` (image + camera path),
+``planning`` (image + goal image), ``reconstruction`` (video in).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
+    CogVideoXTransformer3DModel,
+)
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+from hero import geometry
+from hero.models.base import TASKS, Rollout, RolloutRequest, pose_deltas
+
+RGB_CHANNELS = 16
+RAYMAP_CHANNELS = 6
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything about a checkpoint that is not a weight: resolution, tasks' defaults, depth units.
+
+    ``metric_dmax`` fixes the disparity normalisation (toyworld: metric depth and poses); None
+    means Aether's per-clip normalisation, so depth and camera translation are relative.
+    """
+
+    name: str
+    revision: str
+    height: int
+    width: int
+    frame_options: tuple[int, ...]
+    fov_x_deg: float = 60.0
+    fps: int = 12
+    metric_dmax: float | None = None
+    far: float = 60.0
+    default_steps: dict[str, int] = field(
+        default_factory=lambda: {"prediction": 50, "planning": 50, "reconstruction": 4})
+    default_guidance: dict[str, float] = field(
+        default_factory=lambda: {"prediction": 3.0, "planning": 3.0, "reconstruction": 1.0})
+    dynamic_guidance: dict[str, bool] = field(
+        default_factory=lambda: {"prediction": True, "planning": False, "reconstruction": False})
+
+
+def latent_frames(frames: int, temporal: int) -> int:
+    return (frames - 1) // temporal + 1
+
+
+def fold_raymap(raymap: torch.Tensor, temporal: int) -> torch.Tensor:
+    """(B, T, 6, h, w) -> (B, T', 6*temporal, h, w): pad with leading frames, fold groups into channels.
+
+    Aether's folding: the padded sequence is split into ``temporal`` consecutive runs of T' frames
+    and run j fills channels [6j, 6j + 6) of every latent frame.
+    """
+    batch, frames, channels, h, w = raymap.shape
+    pad = (-frames) % temporal
+    if pad:
+        raymap = torch.cat([raymap[:, :pad], raymap], dim=1)
+    folded = raymap.reshape(batch, temporal, -1, channels, h, w)
+    return folded.permute(0, 2, 1, 3, 4, 5).reshape(batch, -1, temporal * channels, h, w)
+
+
+def unfold_raymap(camera: torch.Tensor, frames: int, temporal: int) -> torch.Tensor:
+    """Inverse of :func:`fold_raymap`: (B, T', 6*temporal, h, w) -> (B, frames, 6, h, w)."""
+    batch, lat, _, h, w = camera.shape
+    unfolded = camera.reshape(batch, lat, temporal, RAYMAP_CHANNELS, h, w).permute(0, 2, 1, 3, 4, 5)
+    return unfolded.reshape(batch, temporal * lat, RAYMAP_CHANNELS, h, w)[:, -frames:]
+
+
+def build_condition(task: str, image: torch.Tensor | None, goal: torch.Tensor | None,
+                    video: torch.Tensor | None, camera: torch.Tensor | None,
+                    shape: tuple[int, ...]) -> torch.Tensor:
+    """Condition latents (B, T', 16 + 24, h, w) for ``task`` from encoded inputs (B, t, 16, h, w).
+
+    ``shape`` is the (B, T', C, h, w) of the clip's latents; absent parts are zeros.
+    """
+    batch, lat, _, h, w = shape
+    visual = torch.zeros(batch, lat, RGB_CHANNELS, h, w, dtype=torch.float32)
+    if task == "reconstruction":
+        visual = video
+    else:
+        visual[:, : image.shape[1]] = image
+        if task == "planning":
+            visual[:, -goal.shape[1]:] = goal
+    if camera is None:
+        camera = torch.zeros(batch, lat, shape[2] - 2 * RGB_CHANNELS, h, w)
+    return torch.cat([visual.to(camera.dtype), camera], dim=2)
+
+
+def unconditional(task: str, condition: torch.Tensor) -> torch.Tensor:
+    """The classifier-free-guidance negative: Aether drops the first image (prediction) or all images."""
+    uncond = condition.clone()
+    if task == "prediction":
+        uncond[:, :1, :RGB_CHANNELS] = 0
+    else:
+        uncond[:, :, :RGB_CHANNELS] = 0
+    return uncond
+
+
+def guidance_at(scale: float, timestep: float, train_steps: int, dynamic: bool) -> float:
+    """CogVideoX's cosine guidance ramp over normalised time when ``dynamic``; constant otherwise."""
+    if not dynamic:
+        return scale
+    progress = 1.0 - float(timestep) / train_steps
+    return 1.0 + scale * (1.0 - math.cos(math.pi * progress ** 5.0)) / 2.0
+
+
+class CogVideoXWorldModel:
+    """A :class:`~hero.models.base.WorldModel` from a CogVideoX VAE, transformer and scheduler."""
+
+    def __init__(self, vae: AutoencoderKLCogVideoX, transformer: CogVideoXTransformer3DModel,
+                 scheduler: CogVideoXDDIMScheduler | CogVideoXDPMScheduler,
+                 prompt_embeds: torch.Tensor, spec: ModelSpec, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.vae = vae.to(device=device, dtype=dtype).eval()
+        self.transformer = transformer.to(device=device, dtype=dtype).eval()
+        self.scheduler = scheduler
+        self.prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.current_timestep: float | None = None
+        self.spatial = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.temporal = int(vae.config.temporal_compression_ratio)
+
+    name = property(lambda self: self.spec.name)
+    revision = property(lambda self: self.spec.revision)
+    height = property(lambda self: self.spec.height)
+    width = property(lambda self: self.spec.width)
+    frame_options = property(lambda self: self.spec.frame_options)
+
+    def default_steps(self, task: str) -> int:
+        return self.spec.default_steps[task]
+
+    # ----------------------------------------------------------------- encoding
+    def _vae_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, H, W) in [-1, 1] -> scaled latents (B, T', 16, h, w) (posterior mode)."""
+        x = frames.to(self.device, self.dtype).permute(0, 2, 1, 3, 4)
+        latents = self.vae.encode(x).latent_dist.mode()
+        return (latents * self._vae_scale()).permute(0, 2, 1, 3, 4).float()
+
+    @torch.no_grad()
+    def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, T', 16, h, w) -> (B, T, 3, H, W) in [-1, 1]."""
+        z = (latents / self._vae_scale()).permute(0, 2, 1, 3, 4).to(self.device, self.dtype)
+        return self.vae.decode(z).sample.permute(0, 2, 1, 3, 4).float().clamp(-1, 1)
+
+    def raymap(self, c2w: np.ndarray, k: np.ndarray, dmax: float) -> torch.Tensor:
+        """Raymaps (T, 6, h, w) at latent resolution for a camera path given at image resolution."""
+        h, w = self.height // self.spatial, self.width // self.spatial
+        k_latent = geometry.scale_intrinsics(k, 1.0 / self.spatial)
+        return torch.from_numpy(geometry.poses_to_raymap(c2w, k_latent, h, w, dmax))
+
+    def default_k(self, frames: int) -> np.ndarray:
+        return geometry.intrinsics(self.height, self.width, self.spec.fov_x_deg, frames)
+
+    # --------------------------------------------------------------- generation
+    def generate(self, requests: list[RolloutRequest]) -> list[Rollout]:
+        """Generate every request; requests that share task, frames, steps and guidance are batched."""
+        results: dict[int, Rollout] = {}
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            self._check(request)
+            key = (request.task, request.frames, self._steps(request), self._guidance(request))
+            groups.setdefault(key, []).append(i)
+        for (task, frames, steps, guidance), members in groups.items():
+            batch = [requests[i] for i in members]
+            for i, rollout in zip(members, self._generate_batch(batch, task, frames, steps, guidance)):
+                results[i] = rollout
+        return [results[i] for i in range(len(requests))]
+
+    def _steps(self, request: RolloutRequest) -> int:
+        return int(request.steps or self.spec.default_steps[request.task])
+
+    def _guidance(self, request: RolloutRequest) -> float:
+        return float(request.guidance if request.guidance is not None
+                     else self.spec.default_guidance[request.task])
+
+    def _check(self, request: RolloutRequest) -> None:
+        if request.task not in TASKS:
+            raise ValueError(f"task: {request.task!r} is not one of {TASKS}")
+        if request.frames not in self.frame_options:
+            raise ValueError(f"frames: {self.name} takes {self.frame_options}, got {request.frames}")
+        needed = {"prediction": ("image",), "planning": ("image", "goal"),
+                  "reconstruction": ("video",)}[request.task]
+        for name in needed:
+            if getattr(request, name) is None:
+                raise ValueError(f"{name}: required for task {request.task!r}")
+
+    def _inputs(self, requests: list[RolloutRequest], task: str, frames: int
+                ) -> tuple[torch.Tensor, list[np.ndarray], list[np.ndarray]]:
+        """Condition latents for a batch, with each request's camera path and intrinsics."""
+        lat = latent_frames(frames, self.temporal)
+        h, w = self.height // self.spatial, self.width // self.spatial
+        shape = (len(requests), lat, 56, h, w)
+        as_video = lambda images: torch.from_numpy(np.stack(images)).float().div(127.5).sub(1).permute(0, 1, 4, 2, 3)
+        image = goal = video = camera = None
+        if task == "reconstruction":
+            video = self.encode_video(as_video([r.video[:frames] for r in requests]))
+        else:
+            image = self.encode_video(as_video([r.image[None] for r in requests]))
+        if task == "planning":
+            goal = self.encode_video(as_video([r.goal[None] for r in requests]))
+        ks = [r.k[:frames] if r.k is not None else self.default_k(frames) for r in requests]
+        poses = [r.c2w[:frames] if r.c2w is not None else None for r in requests]
+        if task == "prediction" and all(p is not None for p in poses):
+            dmax = self.spec.metric_dmax or 1.0
+            rays = torch.stack([self.raymap(p, k, dmax) for p, k in zip(poses, ks)])
+            camera = fold_raymap(rays, self.temporal)
+        return build_condition(task, image, goal, video, camera, shape), poses, ks
+
+    def _rotary(self, lat: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        config = self.transformer.config
+        if not config.use_rotary_positional_embeddings:
+            return None
+        grid_h = self.height // (self.spatial * config.patch_size)
+        grid_w = self.width // (self.spatial * config.patch_size)
+        return get_3d_rotary_pos_embed(
+            embed_dim=config.attention_head_dim, crops_coords=((0, 0), (grid_h, grid_w)),
+            grid_size=(grid_h, grid_w), temporal_size=lat, device=self.device)
+
+    @torch.no_grad()
+    def denoise(self, condition: torch.Tensor, task: str, steps: int, guidance: float,
+                seeds: list[int]) -> torch.Tensor:
+        """The sampling loop: returns clean latents (B, T', 56, h, w).
+
+        Every transformer call runs under ``cache_context`` so cache hooks see the step index;
+        with guidance the [uncond, cond] halves are batched in one call ("cond_uncond").
+        """
+        batch, lat, _, h, w = condition.shape
+        out_channels = self.transformer.config.out_channels
+        noise = [torch.randn((1, lat, out_channels, h, w), generator=torch.Generator().manual_seed(s))
+                 for s in seeds]
+        latents = (torch.cat(noise) * self.scheduler.init_noise_sigma).to(self.device, self.dtype)
+        condition = condition.to(self.device, self.dtype)
+        use_cfg = guidance > 1.0
+        if use_cfg:
+            condition = torch.cat([unconditional(task, condition), condition])
+        self.scheduler.set_timesteps(steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+        rotary = self._rotary(lat)
+        text = self.prompt_embeds.expand(condition.shape[0], -1, -1)
+        train_steps = self.scheduler.config.num_train_timesteps
+        old_x0 = None
+        for i, t in enumerate(timesteps):
+            self.current_timestep = float(t)
+            model_in = torch.cat([latents] * 2) if use_cfg else latents
+            model_in = torch.cat([self.scheduler.scale_model_input(model_in, t), condition], dim=2)
+            with self.transformer.cache_context("cond_uncond" if use_cfg else "cond", step_index=i,
+                                                num_inference_steps=steps, timestep=t):
+                pred = self.transformer(hidden_states=model_in, encoder_hidden_states=text,
+                                        timestep=t.expand(model_in.shape[0]),
+                                        image_rotary_emb=rotary, return_dict=False)[0].float()
+            if use_cfg:
+                uncond, cond = pred.chunk(2)
+                scale = guidance_at(guidance, t, train_steps, self.spec.dynamic_guidance[task])
+                pred = uncond + scale * (cond - uncond)
+            if isinstance(self.scheduler, CogVideoXDPMScheduler):
+                back = timesteps[i - 1] if i > 0 else None
+                latents, old_x0 = self.scheduler.step(pred, old_x0, t, back, latents.float(),
+                                                      return_dict=False)
+            else:
+                latents = self.scheduler.step(pred, t, latents.float(), return_dict=False)[0]
+            latents = latents.to(self.dtype)
+        self.current_timestep = None
+        return latents.float()
+
+    def _generate_batch(self, requests: list[RolloutRequest], task: str, frames: int, steps: int,
+                        guidance: float) -> list[Rollout]:
+        started = time.perf_counter()
+        condition, poses, ks = self._inputs(requests, task, frames)
+        latents = self.denoise(condition, task, steps, guidance, [r.seed for r in requests])
+        sampled = time.perf_counter()
+        rgb = self.decode_video(latents[:, :, :RGB_CHANNELS])[:, :frames]
+        disparity = self.decode_video(latents[:, :, RGB_CHANNELS: 2 * RGB_CHANNELS])[:, :frames]
+        camera = unfold_raymap(latents[:, :, 2 * RGB_CHANNELS:], frames, self.temporal)
+        rollouts = []
+        for b, request in enumerate(requests):
+            rollouts.append(self._rollout(request, rgb[b], disparity[b], camera[b], poses[b], ks[b]))
+            rollouts[-1].meta["timings"] = {
+                "sampling_s": (sampled - started) / len(requests),
+                "total_s": (time.perf_counter() - started) / len(requests)}
+            rollouts[-1].meta.update(task=task, frames=frames, steps=steps, guidance=guidance)
+        return rollouts
+
+    def _rollout(self, request: RolloutRequest, rgb: torch.Tensor, disparity: torch.Tensor,
+                 camera: torch.Tensor, commanded: np.ndarray | None, k: np.ndarray) -> Rollout:
+        """Turn one batch row of decoded tensors into a :class:`Rollout` in world units."""
+        dmax = self.spec.metric_dmax or 1.0
+        image = ((rgb.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
+        disp = (disparity.mean(dim=1) * 0.5 + 0.5).clamp(0, 1).cpu().numpy()
+        depth = geometry.disparity_to_depth(disp, dmax, self.spec.far).astype(np.float32)
+        c2w, k_latent = geometry.raymap_to_poses(camera.cpu().numpy(), dmax)
+        c2w = geometry.relative_to(c2w, 0)
+        k_pred = geometry.scale_intrinsics(k_latent, self.spatial)
+        actions = pose_deltas(commanded if commanded is not None else c2w)
+        return Rollout(
+            rgb=image, depth=depth, depth_is_metric=self.spec.metric_dmax is not None,
+            k=k_pred.astype(np.float32), c2w=c2w.astype(np.float32), actions=actions,
+            meta={"model": self.name, "revision": self.revision, "seed": request.seed,
+                  "commanded_c2w": None if commanded is None else commanded.tolist()})
