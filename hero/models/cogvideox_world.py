@@ -21,7 +21,7 @@ from diffusers import (
     CogVideoXDPMScheduler,
     CogVideoXTransformer3DModel,
 )
-from diffusers.models.embeddings import get_3d_rotary_pos_embed
+from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
 from hero import geometry
 from hero.models.base import TASKS, Rollout, RolloutRequest, pose_deltas
@@ -36,6 +36,9 @@ class ModelSpec:
 
     ``metric_dmax`` fixes the disparity normalisation (toyworld: metric depth and poses); None
     means Aether's per-clip normalisation, so depth and camera translation are relative.
+    ``fps`` is the frame rate the checkpoint was trained at; a request may ask for one of
+    ``fps_options`` (``extra["fps"]``), which stretches the temporal rotary positions by
+    ``fps / requested``. ``guidance_ramp`` picks the dynamic-guidance formula (:func:`guidance_at`).
     """
 
     name: str
@@ -45,6 +48,8 @@ class ModelSpec:
     frame_options: tuple[int, ...]
     fov_x_deg: float = 60.0
     fps: int = 12
+    fps_options: tuple[int, ...] = ()
+    guidance_ramp: str = "normalised"
     metric_dmax: float | None = None
     far: float = 60.0
     default_steps: dict[str, int] = field(
@@ -110,12 +115,58 @@ def unconditional(task: str, condition: torch.Tensor) -> torch.Tensor:
     return uncond
 
 
-def guidance_at(scale: float, timestep: float, train_steps: int, dynamic: bool) -> float:
-    """CogVideoX's cosine guidance ramp over normalised time when ``dynamic``; constant otherwise."""
+GUIDANCE_RAMPS = ("normalised", "pipeline")
+
+
+def guidance_at(scale: float, timestep: float, train_steps: int, dynamic: bool,
+                ramp: str = "normalised", steps: int | None = None) -> float:
+    """The guidance scale at ``timestep``: constant, or a cosine ramp from 1 to 1 + ``scale``.
+
+    ``ramp="normalised"`` runs the ramp over normalised time 1 - t / ``train_steps``;
+    ``ramp="pipeline"`` evaluates it at (``steps`` - t) / ``steps`` as the CogVideoX and Aether
+    pipelines do (t is the raw timestep, so the scale jumps between 1 and 1 + ``scale`` until the
+    last few steps): AetherV1's published samples were drawn with it.
+    """
     if not dynamic:
         return scale
-    progress = 1.0 - float(timestep) / train_steps
+    if ramp == "pipeline":
+        progress = (steps - float(timestep)) / steps
+    elif ramp == "normalised":
+        progress = 1.0 - float(timestep) / train_steps
+    else:
+        raise ValueError(f"guidance_ramp: {ramp!r} is not one of {GUIDANCE_RAMPS}")
     return 1.0 + scale * (1.0 - math.cos(math.pi * progress ** 5.0)) / 2.0
+
+
+def rotary_embedding(head_dim: int, grid_h: int, grid_w: int, frames: int,
+                     time_scale: float = 1.0, device: str | torch.device | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CogVideoX's 3-D rotary embedding (cos, sin), each (frames * grid_h * grid_w, head_dim).
+
+    Equal to diffusers' ``get_3d_rotary_pos_embed`` over the full grid when ``time_scale`` is 1;
+    otherwise temporal positions are multiplied by ``time_scale`` (Aether's base fps / fps).
+    """
+    sizes = (frames, grid_h, grid_w)
+    dims = (head_dim // 4, head_dim // 8 * 3, head_dim // 8 * 3)
+    positions = [torch.linspace(0, n - 1, n, device=device, dtype=torch.float32) for n in sizes]
+    positions[0] = positions[0] * time_scale
+    freqs = [get_1d_rotary_pos_embed(d, p, use_real=True) for d, p in zip(dims, positions)]
+
+    def combine(parts: list[torch.Tensor]) -> torch.Tensor:
+        t, h, w = parts
+        grid = (frames, grid_h, grid_w)
+        return torch.cat([t[:, None, None].expand(*grid, -1), h[None, :, None].expand(*grid, -1),
+                          w[None, None].expand(*grid, -1)], dim=-1).reshape(-1, head_dim)
+
+    return combine([f[0] for f in freqs]), combine([f[1] for f in freqs])
+
+
+def _placed(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move a module to ``device`` and cast it only when its dtype differs (casting warns in diffusers)."""
+    module = module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module = module.to(dtype)
+    return module.eval()
 
 
 class CogVideoXWorldModel:
@@ -125,8 +176,8 @@ class CogVideoXWorldModel:
                  scheduler: CogVideoXDDIMScheduler | CogVideoXDPMScheduler,
                  prompt_embeds: torch.Tensor, spec: ModelSpec, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
-        self.vae = vae.to(device=device, dtype=dtype).eval()
-        self.transformer = transformer.to(device=device, dtype=dtype).eval()
+        self.vae = _placed(vae, device, dtype)
+        self.transformer = _placed(transformer, device, dtype)
         self.scheduler = scheduler
         self.prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         self.spec = spec
@@ -178,11 +229,13 @@ class CogVideoXWorldModel:
         groups: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
             self._check(request)
-            key = (request.task, request.frames, self._steps(request), self._guidance(request))
+            key = (request.task, request.frames, self._steps(request), self._guidance(request),
+                   self._fps(request))
             groups.setdefault(key, []).append(i)
-        for (task, frames, steps, guidance), members in groups.items():
+        for (task, frames, steps, guidance, fps), members in groups.items():
             batch = [requests[i] for i in members]
-            for i, rollout in zip(members, self._generate_batch(batch, task, frames, steps, guidance)):
+            for i, rollout in zip(members, self._generate_batch(batch, task, frames, steps, guidance,
+                                                                fps)):
                 results[i] = rollout
         return [results[i] for i in range(len(requests))]
 
@@ -193,11 +246,18 @@ class CogVideoXWorldModel:
         return float(request.guidance if request.guidance is not None
                      else self.spec.default_guidance[request.task])
 
+    def _fps(self, request: RolloutRequest) -> int:
+        return int(request.extra.get("fps", self.spec.fps))
+
     def _check(self, request: RolloutRequest) -> None:
         if request.task not in TASKS:
             raise ValueError(f"task: {request.task!r} is not one of {TASKS}")
         if request.frames not in self.frame_options:
             raise ValueError(f"frames: {self.name} takes {self.frame_options}, got {request.frames}")
+        fps_options = self.spec.fps_options or (self.spec.fps,)
+        if self._fps(request) not in fps_options:
+            raise ValueError(f"extra.fps: {self.name} takes {fps_options}, got {self._fps(request)} "
+                             f"(request {request.id!r})")
         needed = {"prediction": ("image",), "planning": ("image", "goal"),
                   "reconstruction": ("video",)}[request.task]
         for name in needed:
@@ -226,28 +286,29 @@ class CogVideoXWorldModel:
             camera = fold_raymap(rays, self.temporal)
         return build_condition(task, image, goal, video, camera, shape), poses, ks
 
-    def _rotary(self, lat: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _rotary(self, lat: int, fps: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         config = self.transformer.config
         if not config.use_rotary_positional_embeddings:
             return None
         grid_h = self.height // (self.spatial * config.patch_size)
         grid_w = self.width // (self.spatial * config.patch_size)
-        return get_3d_rotary_pos_embed(
-            embed_dim=config.attention_head_dim, crops_coords=((0, 0), (grid_h, grid_w)),
-            grid_size=(grid_h, grid_w), temporal_size=lat, device=self.device)
+        time_scale = self.spec.fps / (fps or self.spec.fps)
+        return rotary_embedding(config.attention_head_dim, grid_h, grid_w, lat, time_scale,
+                                device=self.device)
 
     @torch.no_grad()
     def denoise(self, condition: torch.Tensor, task: str, steps: int, guidance: float,
-                seeds: list[int]) -> torch.Tensor:
+                seeds: list[int], fps: int | None = None) -> torch.Tensor:
         """The sampling loop: returns clean latents (B, T', 56, h, w).
 
         Every transformer call runs under ``cache_context`` so cache hooks see the step index;
-        with guidance the [uncond, cond] halves are batched in one call ("cond_uncond").
+        with guidance the [uncond, cond] halves are batched in one call ("cond_uncond"). Each row
+        draws its initial noise, and the DPM solver's step noise, from its own seeded generator.
         """
         batch, lat, _, h, w = condition.shape
         out_channels = self.transformer.config.out_channels
-        noise = [torch.randn((1, lat, out_channels, h, w), generator=torch.Generator().manual_seed(s))
-                 for s in seeds]
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        noise = [torch.randn((1, lat, out_channels, h, w), generator=g) for g in generators]
         latents = (torch.cat(noise) * self.scheduler.init_noise_sigma).to(self.device, self.dtype)
         condition = condition.to(self.device, self.dtype)
         use_cfg = guidance > 1.0
@@ -255,7 +316,7 @@ class CogVideoXWorldModel:
             condition = torch.cat([unconditional(task, condition), condition])
         self.scheduler.set_timesteps(steps, device=self.device)
         timesteps = self.scheduler.timesteps
-        rotary = self._rotary(lat)
+        rotary = self._rotary(lat, fps)
         text = self.prompt_embeds.expand(condition.shape[0], -1, -1)
         train_steps = self.scheduler.config.num_train_timesteps
         old_x0 = None
@@ -270,12 +331,13 @@ class CogVideoXWorldModel:
                                         image_rotary_emb=rotary, return_dict=False)[0].float()
             if use_cfg:
                 uncond, cond = pred.chunk(2)
-                scale = guidance_at(guidance, t, train_steps, self.spec.dynamic_guidance[task])
+                scale = guidance_at(guidance, t, train_steps, self.spec.dynamic_guidance[task],
+                                    self.spec.guidance_ramp, steps)
                 pred = uncond + scale * (cond - uncond)
             if isinstance(self.scheduler, CogVideoXDPMScheduler):
                 back = timesteps[i - 1] if i > 0 else None
                 latents, old_x0 = self.scheduler.step(pred, old_x0, t, back, latents.float(),
-                                                      return_dict=False)
+                                                      generator=generators, return_dict=False)
             else:
                 latents = self.scheduler.step(pred, t, latents.float(), return_dict=False)[0]
             latents = latents.to(self.dtype)
@@ -283,10 +345,10 @@ class CogVideoXWorldModel:
         return latents.float()
 
     def _generate_batch(self, requests: list[RolloutRequest], task: str, frames: int, steps: int,
-                        guidance: float) -> list[Rollout]:
+                        guidance: float, fps: int) -> list[Rollout]:
         started = time.perf_counter()
         condition, poses, ks = self._inputs(requests, task, frames)
-        latents = self.denoise(condition, task, steps, guidance, [r.seed for r in requests])
+        latents = self.denoise(condition, task, steps, guidance, [r.seed for r in requests], fps)
         sampled = time.perf_counter()
         rgb = self.decode_video(latents[:, :, :RGB_CHANNELS])[:, :frames]
         disparity = self.decode_video(latents[:, :, RGB_CHANNELS: 2 * RGB_CHANNELS])[:, :frames]
@@ -297,7 +359,8 @@ class CogVideoXWorldModel:
             rollouts[-1].meta["timings"] = {
                 "sampling_s": (sampled - started) / len(requests),
                 "total_s": (time.perf_counter() - started) / len(requests)}
-            rollouts[-1].meta.update(task=task, frames=frames, steps=steps, guidance=guidance)
+            rollouts[-1].meta.update(task=task, frames=frames, steps=steps, guidance=guidance,
+                                     fps=fps)
         return rollouts
 
     def _rollout(self, request: RolloutRequest, rgb: torch.Tensor, disparity: torch.Tensor,

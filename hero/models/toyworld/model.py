@@ -41,11 +41,12 @@ SCHEDULER_CONFIG = dict(
 
 
 def build_components(num_layers: int = TRANSFORMER_CONFIG["num_layers"], heads: int = 4,
-                     seed: int = 0) -> tuple[AutoencoderKLCogVideoX, CogVideoXTransformer3DModel,
-                                             CogVideoXDDIMScheduler, torch.Tensor]:
+                     vae_channels: tuple[int, ...] = VAE_CONFIG["block_out_channels"], seed: int = 0
+                     ) -> tuple[AutoencoderKLCogVideoX, CogVideoXTransformer3DModel,
+                                CogVideoXDDIMScheduler, torch.Tensor]:
     """Randomly initialised toyworld components (seeded): VAE, transformer, scheduler, prompt."""
     torch.manual_seed(seed)
-    vae = AutoencoderKLCogVideoX(**VAE_CONFIG)
+    vae = AutoencoderKLCogVideoX(**{**VAE_CONFIG, "block_out_channels": vae_channels})
     transformer = CogVideoXTransformer3DModel(
         **{**TRANSFORMER_CONFIG, "num_layers": num_layers, "num_attention_heads": heads})
     prompt = torch.randn(1, TRANSFORMER_CONFIG["max_text_seq_length"],
@@ -55,8 +56,8 @@ def build_components(num_layers: int = TRANSFORMER_CONFIG["num_layers"], heads: 
 
 
 def load_tiny(device: str = "cpu", **_: object) -> CogVideoXWorldModel:
-    """A tiny random toyworld-shaped model (4 blocks): for tests of everything but quality."""
-    vae, transformer, scheduler, prompt = build_components(num_layers=4, heads=2)
+    """A tiny random toyworld-shaped model (4 blocks, narrow VAE): for tests of everything but quality."""
+    vae, transformer, scheduler, prompt = build_components(num_layers=4, heads=2, vae_channels=(8, 16, 16))
     spec = dataclasses.replace(TOYWORLD_SPEC, name="tiny", revision="random-seed0",
                                default_steps={"prediction": 4, "planning": 4, "reconstruction": 2})
     return CogVideoXWorldModel(vae, transformer, scheduler, prompt, spec, device=device)

@@ -1,0 +1,254 @@
+"""Every training-free accelerator side by side on the same requests, seeds and process:
+``python -m bench.accel [--quick] [--out docs/bench]``.
+
+Per workload (toyworld for quality, the Aether-shaped random-weight transformer for speed) and
+per method: counted FLOPs of the sampling loop versus full compute, peak memory, the bytes the
+accelerator's hooks hold, the latents' distance to full compute, on toyworld PSNR/SSIM/AbsRel
+against full compute and against the rendered truth, and the wall-clock speedup of the sampling
+loop as the median of paired ratios (full and method runs alternating). Writes
+``<out>/<stem>.json``, ``<stem>.md``, ``<stem>_pareto.png`` and per-block feature-coupling plots,
+and refreshes the summary section of ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import report
+from bench.measure import PeakMemory, TimedRun, count_flops, hook_state_bytes, paired_times
+from bench.methods import Method, apply_method, default_methods, steps_methods
+from bench.quality import latent_error, versus_full, versus_truth
+from bench.workloads import AetherShape, Workload, aether_shaped_workload, toyworld_workload
+from hero.cache.probe import FeatureCouplingProbe, choose_split
+
+log = logging.getLogger("bench.accel")
+
+
+@dataclass
+class Settings:
+    """How much to run. ``toyworld_model`` None takes the trained toyworld when its weights exist
+    (else the tiny random model, whose quality numbers mean nothing); ``toyworld_steps`` None
+    takes the model's default; ``methods`` None runs all of :func:`bench.methods.default_methods`."""
+
+    mode: str = "full"
+    scenes: int = 4
+    toyworld_model: str | None = None
+    toyworld_steps: int | None = None
+    shape: AetherShape = field(default_factory=AetherShape)
+    rounds: int = 3
+    time_toyworld: bool = True
+    steps_matched: bool = True
+    methods: list[str] | None = None
+    threads: int = 2
+    device: str = "cpu"
+
+    def describe(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "shape": self.shape.describe()}
+
+
+QUICK = Settings(mode="quick", scenes=1, rounds=2, time_toyworld=False,
+                 shape=AetherShape(layers=12, heads=2, latent_height=12, latent_width=16,
+                                   text_tokens=8, steps=30))
+FULL = Settings()
+
+
+def profile_method(workload: Workload, method: Method, device: torch.device) -> dict[str, Any]:
+    """Everything but timing for one method: counted FLOPs, memory, cache bytes, outputs."""
+    transformer = workload.model.transformer
+    accelerator = None if method.family in ("full", "steps") else \
+        apply_method(transformer, method, workload.steps)
+    try:
+        calibration = _calibrate(workload, accelerator)
+        with PeakMemory(device) as memory:
+            latents, flops = count_flops(lambda: workload.sample(method.steps))
+        cache_bytes = hook_state_bytes(transformer)
+        stats = accelerator.stats() if accelerator is not None else {}
+        rollouts = workload.generate(method.steps) if workload.requests else []
+    finally:
+        if accelerator is not None:
+            accelerator.remove()
+    return {"latents": latents, "rollouts": rollouts, "flops": flops,
+            "peak_memory_bytes": memory.peak_bytes, "cache_bytes": cache_bytes, "stats": stats,
+            "calibration": calibration}
+
+
+def _calibrate(workload: Workload, accelerator: Any) -> dict[str, Any] | None:
+    """MagCache without ratios calibrates on one generation first; later runs reuse the ratios."""
+    if accelerator is None or not accelerator.stats().get("calibrating"):
+        return None
+    started = time.perf_counter()
+    workload.sample()
+    accelerator.reset()
+    ratios = accelerator.stats().get("mag_ratios")
+    return {"seconds": time.perf_counter() - started, "mag_ratios": ratios}
+
+
+def with_calibration(method: Method, profile: dict[str, Any]) -> Method:
+    """The method as timed runs apply it: with its calibration's result as an option."""
+    calibration = profile["calibration"]
+    if not calibration or calibration.get("mag_ratios") is None:
+        return method
+    return dataclasses.replace(method, options={**method.options,
+                                                "mag_ratios": calibration["mag_ratios"]})
+
+
+def timed_run(workload: Workload, method: Method) -> TimedRun:
+    transformer = workload.model.transformer
+    if method.family in ("full", "steps"):
+        return TimedRun(run=lambda: workload.sample(method.steps))
+    holder: dict[str, Any] = {}
+    return TimedRun(run=lambda: workload.sample(method.steps),
+                    setup=lambda: holder.update(accel=apply_method(transformer, method, workload.steps)),
+                    teardown=lambda: holder.pop("accel").remove())
+
+
+def coupling_profile(workload: Workload) -> dict[str, Any]:
+    """HERO's feature-coupling probe over one full sampling (also the warm-up run)."""
+    probe = FeatureCouplingProbe(workload.model.transformer)
+    try:
+        workload.sample()
+        profile = probe.profile()
+    finally:
+        probe.remove()
+    return {"profile": profile, "split": choose_split(profile)}
+
+
+def bench_workload(workload: Workload, methods: list[Method], settings: Settings, timed: bool
+                   ) -> dict[str, Any]:
+    """Profile full compute and every method on ``workload``, then time them in pairs."""
+    device = torch.device(settings.device)
+    log.info("%s: probe + warm-up", workload.name)
+    coupling = coupling_profile(workload)
+    reference = profile_method(workload, Method("full", "full"), device)
+    results = {"full": _row(Method("full", "full"), reference, reference, workload)}
+    runs: dict[str, Method] = {}
+    for method in methods:
+        log.info("%s: profiling %s", workload.name, method.name)
+        profile = profile_method(workload, method, device)
+        results[method.name] = _row(method, profile, reference, workload)
+        runs[method.name] = with_calibration(method, profile)
+    if settings.steps_matched:
+        ratios = {name: row["flops_ratio"] for name, row in results.items() if name != "full"}
+        for method in steps_methods(ratios, workload.steps):
+            log.info("%s: profiling %s", workload.name, method.name)
+            profile = profile_method(workload, method, device)
+            results[method.name] = _row(method, profile, reference, workload)
+            runs[method.name] = method
+    if timed:
+        times = paired_times(lambda: workload.sample(), {n: timed_run(workload, m) for n, m in runs.items()},
+                             settings.rounds, device, lambda line: log.info("%s: %s", workload.name, line))
+        for name, paired in times.items():
+            results[name]["timing"] = paired.summary()
+            results[name]["speedup"] = results[name]["timing"]["speedup"]
+    return {"info": workload.info, "steps": workload.steps, "guidance": workload.guidance,
+            "timed": timed, "coupling": coupling, "methods": results}
+
+
+def _row(method: Method, profile: dict[str, Any], reference: dict[str, Any], workload: Workload
+         ) -> dict[str, Any]:
+    row = {"family": method.family, "accelerator": method.accelerator, "options": method.options,
+           "description": method.describe(), "steps": method.steps or workload.steps,
+           "flops": profile["flops"], "flops_ratio": profile["flops"] / reference["flops"],
+           "flops_speedup": reference["flops"] / profile["flops"],
+           "peak_memory_bytes": profile["peak_memory_bytes"], "cache_bytes": profile["cache_bytes"],
+           "latent_rel_err": latent_error(profile["latents"], reference["latents"]),
+           "stats": profile["stats"], "calibration": profile["calibration"],
+           "speedup": None, "timing": None}
+    if profile["rollouts"]:
+        truth = versus_truth(profile["rollouts"], workload.truths)
+        full_truth = versus_truth(reference["rollouts"], workload.truths)
+        row["quality"] = {"vs_full": versus_full(profile["rollouts"], reference["rollouts"]),
+                          "vs_truth": truth,
+                          "psnr_drop_vs_truth": full_truth["psnr"] - truth["psnr"]}
+    return row
+
+
+def run(settings: Settings, out: Path, summary: Path | None, command: str) -> dict[str, Any]:
+    """The whole benchmark: both workloads, every method; writes JSON, markdown and plots."""
+    torch.set_num_threads(settings.threads)
+    started = time.time()
+    methods = default_methods()
+    if settings.methods is not None:
+        unknown = sorted(set(settings.methods) - {m.name for m in methods})
+        if unknown:
+            raise ValueError(f"--methods: unknown {unknown}; choose from {[m.name for m in methods]}")
+        methods = [m for m in methods if m.name in settings.methods]
+    load_before = os.getloadavg()
+    toyworld = toyworld_workload(settings.scenes, settings.toyworld_steps,
+                                 model_name=settings.toyworld_model, device=settings.device)
+    workloads = {"toyworld": bench_workload(toyworld, methods, settings, settings.time_toyworld)}
+    del toyworld
+    shaped = aether_shaped_workload(settings.shape, device=settings.device)
+    workloads["aether-shaped"] = bench_workload(shaped, methods, settings, True)
+    result = {"command": command, "settings": settings.describe(),
+              "machine": _machine(settings, load_before), "workloads": workloads,
+              "seconds": time.time() - started}
+    result["claims"] = report.claims(result)
+    result["verdicts"] = report.verdicts(result)
+    report.write_all(result, out, summary)
+    return result
+
+
+def _machine(settings: Settings, load_before: tuple[float, float, float]) -> dict[str, Any]:
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpus": os.cpu_count(), "threads": settings.threads,
+            "device": settings.device,
+            "gpu": torch.cuda.get_device_name(0) if settings.device.startswith("cuda") else None,
+            "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, Path | None]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small settings (< 10 min on 2 cores)")
+    parser.add_argument("--out", type=Path, default=Path("docs/bench"))
+    parser.add_argument("--summary", type=Path, default=Path("docs/benchmarks.md"),
+                        help="markdown file whose marked benchmark section is refreshed ('' for none)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    parser.add_argument("--scenes", type=int, default=None, help="toyworld held-out scenes")
+    parser.add_argument("--toyworld-model", choices=("toyworld", "tiny"), default=None)
+    parser.add_argument("--toyworld-steps", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="paired timing rounds")
+    parser.add_argument("--layers", type=int, default=None, help="Aether-shaped blocks")
+    parser.add_argument("--steps", type=int, default=None, help="Aether-shaped sampling steps")
+    parser.add_argument("--no-steps-matched", action="store_true",
+                        help="leave out the fewer-steps comparison")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default=None, help="cpu (default) or cuda")
+    args = parser.parse_args(argv)
+    settings = dataclasses.replace(QUICK if args.quick else FULL)
+    shape = dataclasses.replace(settings.shape, **{k: v for k, v in
+                                                   (("layers", args.layers), ("steps", args.steps))
+                                                   if v is not None})
+    overrides = {"scenes": args.scenes, "toyworld_model": args.toyworld_model,
+                 "toyworld_steps": args.toyworld_steps, "rounds": args.rounds,
+                 "threads": args.threads, "device": args.device,
+                 "methods": args.methods.split(",") if args.methods else None}
+    settings = dataclasses.replace(settings, shape=shape,
+                                   steps_matched=not args.no_steps_matched,
+                                   **{k: v for k, v in overrides.items() if v is not None})
+    summary = args.summary if str(args.summary) else None
+    return settings, args.out, summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    settings, out, summary = parse_args(argv)
+    command = "python -m bench.accel " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    return run(settings, out, summary, command.strip())
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    main()

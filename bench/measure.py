@@ -1,0 +1,193 @@
+"""Measuring one sampling loop: paired wall-clock ratios, counted FLOPs, peak and cache memory.
+
+Wall-clock ratios are taken in alternation with full compute in the same process (full, method A,
+full, method B, ..., full), each method's time divided by the mean of the two full runs around it,
+and the median over rounds kept: slow drifts of a shared machine cancel within a pair.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import psutil
+import torch
+from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+aten = torch.ops.aten
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's counter knows the CUDA attention kernels but not the CPU one that SDPA dispatches to
+CPU_ATTENTION_FLOPS = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def count_flops(run: Callable[[], Any]) -> tuple[Any, int]:
+    """``run()`` under torch's FLOP counter (CPU attention included): its result and total FLOPs."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        result = run()
+    return result, int(counter.get_total_flops())
+
+
+class PeakMemory:
+    """Peak memory of a block of code above what was in use when it started.
+
+    On CUDA: ``torch.cuda.max_memory_allocated``. On CPU: the process's resident set size, sampled
+    every ``interval_s`` by a thread (tensors live outside Python's allocator, so tracemalloc
+    cannot see them).
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.002) -> None:
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        self._process = psutil.Process()
+        self._start = self._process.memory_info().rss
+        self._max = self._start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._max = max(self._max, self._process.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+            return
+        self._stop.set()
+        self._thread.join()
+        self._max = max(self._max, self._process.memory_info().rss)
+        self.peak_bytes = self._max - self._start
+
+
+def hook_state_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor held by the diffusers hooks' state under ``model`` (each counted once).
+
+    Works for any accelerator built on diffusers hooks (HERO, the baselines, diffusers' caches):
+    it walks each hook's attributes, its ``StateManager`` contexts and their states.
+    """
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is None:
+            continue
+        for hook in registry.hooks.values():
+            for tensor in _tensors_of(hook, depth=0):
+                key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
+                if key not in seen:
+                    seen.add(key)
+                    total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def _tensors_of(value: Any, depth: int) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth > 6 or isinstance(value, (nn.Module, str, bytes, int, float, bool, type)) or value is None:
+        return []
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, (list, tuple, set)):
+        items = list(value)
+    elif isinstance(value, StateManager):
+        items = list(value._state_cache.values())
+    elif isinstance(value, (ModelHook, BaseState)) or _is_plain_object(value):
+        items = [v for k, v in vars(value).items() if k != "fn_ref"]
+    else:
+        return []
+    return [t for item in items for t in _tensors_of(item, depth + 1)]
+
+
+def _is_plain_object(value: Any) -> bool:
+    """Objects of project or library classes that keep state in ``__dict__`` (not functions)."""
+    return hasattr(value, "__dict__") and not callable(value)
+
+
+@dataclass
+class PairedTimes:
+    """Times (s) of one method and of the full-compute runs around it, per round."""
+
+    method: list[float] = field(default_factory=list)
+    full_before: list[float] = field(default_factory=list)
+    full_after: list[float] = field(default_factory=list)
+
+    @property
+    def ratios(self) -> list[float]:
+        return [m / ((a + b) / 2) for m, a, b in zip(self.method, self.full_before, self.full_after)]
+
+    def summary(self) -> dict[str, Any]:
+        ratios = self.ratios
+        median = statistics.median(ratios)
+        return {"time_ratio_median": median, "speedup": 1.0 / median, "time_ratios": ratios,
+                "method_s": self.method, "full_before_s": self.full_before,
+                "full_after_s": self.full_after,
+                "method_s_median": statistics.median(self.method),
+                "full_s_median": statistics.median(self.full_before + self.full_after)}
+
+
+def timed(run: Callable[[], Any], device: torch.device) -> float:
+    """Wall-clock seconds of ``run()`` (device synchronised on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+@dataclass
+class TimedRun:
+    """What one timed run does: ``setup`` (untimed: apply an accelerator), ``run`` (timed),
+    ``teardown`` (untimed: remove it)."""
+
+    run: Callable[[], Any]
+    setup: Callable[[], Any] = lambda: None
+    teardown: Callable[[], Any] = lambda: None
+
+
+def paired_times(full: Callable[[], Any], methods: dict[str, TimedRun], rounds: int,
+                 device: torch.device, on_progress: Callable[[str], None] = lambda _: None
+                 ) -> dict[str, PairedTimes]:
+    """Alternate full compute with every method for ``rounds`` rounds; the method order rotates
+    each round so no method always follows the same neighbour."""
+    names = list(methods)
+    times = {name: PairedTimes() for name in names}
+    for r in range(rounds):
+        shift = r % len(names) if names else 0
+        previous = timed(full, device)
+        for name in names[shift:] + names[:shift]:
+            method = methods[name]
+            method.setup()
+            try:
+                elapsed = timed(method.run, device)
+            finally:
+                method.teardown()
+            after = timed(full, device)
+            times[name].method.append(elapsed)
+            times[name].full_before.append(previous)
+            times[name].full_after.append(after)
+            on_progress(f"round {r + 1}/{rounds} {name}: {elapsed:.2f}s vs full "
+                        f"{(previous + after) / 2:.2f}s")
+            previous = after
+    return times

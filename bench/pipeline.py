@@ -1,0 +1,174 @@
+"""What the pipeline costs around the model: ``python -m bench.pipeline``.
+
+Runs the embedded job (``jobs/generate.py`` with no arguments: local Ray, the shipped manifest,
+``file://`` output) in this process, then a plain loop that calls the same model, with the same
+accelerator, on the same requests (built from the same manifest rows, untimed), with no Ray, no
+encoding and no I/O. Reports the pipeline's overhead as ``job wall / plain model time - 1`` and
+where the job's time goes per stage (prep, generate, encode: busy seconds summed over rows, read
+back from each sample's ``meta.json``), then the job's throughput for each number of actors and
+batch size asked for. Writes ``<out>/pipeline.json`` and ``<out>/pipeline.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hero.accelerators import apply_accelerator
+from hero.models import load_model
+from hero.models.base import RolloutRequest
+from pipeline.cli import load
+from pipeline.config import JobConfig
+from pipeline.loader import rollout_dataset
+from pipeline.run import run as run_job
+from pipeline.sources import read_manifest
+from pipeline.stages import model_geometry, prepare_row
+
+STAGES = ("prep_s", "generate_s", "encode_s")
+log = logging.getLogger("bench.pipeline")
+
+
+def job_config(workdir: Path, args: list[str]) -> JobConfig:
+    """The embedded default job, with a fresh output folder and run id, plus ``args`` overrides."""
+    run_id = f"bench-{uuid.uuid4().hex[:8]}"
+    return load(["--output", str(workdir / run_id), "--run-id", run_id, *args])
+
+
+def time_job(config: JobConfig) -> dict[str, Any]:
+    """Run the job in this process; wall time, its summary, and per-stage seconds from the samples."""
+    started = time.perf_counter()
+    status = run_job(config)
+    wall = time.perf_counter() - started
+    summary = json.loads((Path(config.output) / "summary.json").read_text())
+    timings = [sample["meta"].get("timings", {})
+               for sample in rollout_dataset(config.output, split=False)]
+    stages = {stage: sum(float(t.get(stage, 0.0)) for t in timings) for stage in STAGES}
+    stages["model_total_s"] = sum(float(t.get("total_s", 0.0)) for t in timings)
+    stages["model_sampling_s"] = sum(float(t.get("sampling_s", 0.0)) for t in timings)
+    return {"status": status, "wall_s": wall, "rollouts": summary["rollouts"],
+            "frames": summary["frames"], "failures": summary["failures"],
+            "rollouts_per_min": 60 * summary["this_run"]["rollouts"] / wall,
+            "frames_per_s": summary["this_run"]["frames"] / wall, "stages": stages,
+            "actors": config.generate.actors, "batch_size": config.generate.batch_size}
+
+
+def job_requests(config: JobConfig) -> list[RolloutRequest]:
+    """The requests the job's generate stage builds from its manifest rows (prep included)."""
+    geometry = model_geometry(config.model.name, config.model.options)
+    requests = []
+    for entry in read_manifest(config.input, config.sink.storage_options, config.limit):
+        if entry.row is None:
+            continue
+        row = entry.row
+        arrays = prepare_row(row, geometry, config.sink.storage_options)
+        requests.append(RolloutRequest(
+            id=row.id, task=row.task, frames=int(arrays["c2w"].shape[0]), image=arrays.get("image"),
+            goal=arrays.get("goal"), video=arrays.get("video"), c2w=arrays["c2w"], k=arrays["k"],
+            steps=config.generate.steps or row.steps, guidance=row.guidance, seed=row.seed))
+    return requests
+
+
+def time_plain_loop(config: JobConfig, requests: list[RolloutRequest]) -> dict[str, Any]:
+    """The same model and accelerator on the same requests, batch by batch, nothing else."""
+    model = load_model(config.model.name, **config.model.options)
+    accelerator = apply_accelerator(model.transformer, config.accel.name, **config.accel.options)
+    batch = config.generate.batch_size
+    started = time.perf_counter()
+    for start in range(0, len(requests), batch):
+        model.generate(requests[start: start + batch])
+    seconds = time.perf_counter() - started
+    accelerator.remove()
+    return {"model_s": seconds, "rollouts": len(requests), "batch_size": batch}
+
+
+def overhead(job: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
+    """The job's wall time beyond the plain loop's, as a ratio of model time, and where it went."""
+    stages = job["stages"]
+    generate_extra = stages["generate_s"] - stages["model_total_s"]
+    return {"ratio": job["wall_s"] / plain["model_s"] - 1.0,
+            "extra_s": job["wall_s"] - plain["model_s"],
+            "generate_stage_beyond_model_s": generate_extra,
+            "prep_busy_s": stages["prep_s"], "encode_busy_s": stages["encode_s"],
+            "outside_stages_s": job["wall_s"] - stages["generate_s"] / job["actors"]}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    job, plain, over = result["embedded"], result["plain"], result["overhead"]
+    lines = ["# Pipeline overhead", "", f"Command: `{result['command']}`", "",
+             f"Embedded job: {job['rollouts']} rollouts ({job['frames']} frames), "
+             f"{job['actors']} actor(s), batch size {job['batch_size']}, model `{result['model']}`, "
+             f"accelerator `{result['accel']}`; {os.cpu_count()} CPUs, {result['threads']} torch threads.",
+             "", "| figure | seconds |", "|---|---|",
+             f"| job wall clock (`jobs/generate.py`, in process) | {job['wall_s']:.1f} |",
+             f"| plain loop: `model.generate` on the same requests | {plain['model_s']:.1f} |",
+             f"| overhead: wall − plain | {over['extra_s']:.1f} ({100 * over['ratio']:.1f}% of model time) |",
+             f"| generate stage, summed over rows | {job['stages']['generate_s']:.1f} |",
+             f"| … of which `model.generate` (model's own timer) | {job['stages']['model_total_s']:.1f} |",
+             f"| … of which sampling loop | {job['stages']['model_sampling_s']:.1f} |",
+             f"| prep stage busy (render/decode inputs), summed | {over['prep_busy_s']:.1f} |",
+             f"| encode stage busy (mp4, npz, meta), summed | {over['encode_busy_s']:.1f} |",
+             f"| outside the generate stage (Ray start, actor start + model load, scheduling, "
+             f"commit, index, summary) | {over['outside_stages_s']:.1f} |", ""]
+    if result["sweep"]:
+        lines += ["## Throughput by actors and batch size", "",
+                  "| actors | batch size | wall (s) | rollouts/min | frames/s | generate busy (s) |",
+                  "|---|---|---|---|---|---|"]
+        for row in result["sweep"]:
+            lines.append(f"| {row['actors']} | {row['batch_size']} | {row['wall_s']:.1f} | "
+                         f"{row['rollouts_per_min']:.2f} | {row['frames_per_s']:.2f} | "
+                         f"{row['stages']['generate_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/bench"))
+    parser.add_argument("--actors", default="1,2", help="comma-separated actor counts to sweep")
+    parser.add_argument("--batch-sizes", default="1,2", help="comma-separated batch sizes to sweep")
+    parser.add_argument("--job-args", default="", help="extra jobs/generate.py options for every run "
+                                                       "(e.g. '--limit 4 --accel hero')")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    extra = shlex.split(args.job_args)
+    with tempfile.TemporaryDirectory(prefix="hero-bench-pipeline-") as tmp:
+        workdir = Path(tmp)
+        embedded = job_config(workdir, extra)
+        log.info("embedded job: %s", embedded.run_id)
+        job = time_job(embedded)
+        log.info("plain loop on the same requests")
+        plain = time_plain_loop(embedded, job_requests(embedded))
+        sweep = []
+        for actors in (int(a) for a in args.actors.split(",") if a):
+            for batch in (int(b) for b in args.batch_sizes.split(",") if b):
+                config = job_config(workdir, [*extra, "--actors", str(actors), "--batch-size", str(batch)])
+                log.info("sweep: %d actor(s), batch size %d", actors, batch)
+                sweep.append(time_job(config))
+    result = {"command": "python -m bench.pipeline " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+              "model": embedded.model.name, "accel": embedded.accel.name, "threads": args.threads,
+              "embedded": job, "plain": plain, "overhead": overhead(job, plain), "sweep": sweep}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pipeline.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "pipeline.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    main()

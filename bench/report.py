@@ -1,0 +1,327 @@
+"""Turning a benchmark result into files: JSON of every figure, markdown tables, the speed-quality
+Pareto plot, per-block feature-coupling plots, and the summary section of ``docs/benchmarks.md``."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hero.cache.probe import plot_profile
+
+MIB = 2 ** 20
+TARGET_SPEEDUP = 1.73
+TARGET_PSNR = 30.0
+TARGET_PSNR_DROP = 0.3
+SPEED_WORKLOAD, QUALITY_WORKLOAD = "aether-shaped", "toyworld"
+
+
+# ------------------------------------------------------------------------------------ judgements
+def claims(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets for HERO's default preset, each with its measured value and verdict."""
+    shaped = result["workloads"][SPEED_WORKLOAD]["methods"].get("hero")
+    toy = result["workloads"][QUALITY_WORKLOAD]
+    hero_toy = toy["methods"].get("hero")
+    rows = []
+    if shaped is not None:
+        rows.append(_claim("wall-clock speedup of sampling, Aether-shaped", shaped["speedup"],
+                           ">=", TARGET_SPEEDUP))
+        rows.append(_claim("FLOPs reduction (full / executed), Aether-shaped",
+                           shaped["flops_speedup"], ">=", TARGET_SPEEDUP))
+    if hero_toy is not None and "quality" in hero_toy:
+        note = None if toy["info"].get("trained") else "toyworld weights absent: random tiny model"
+        rows.append(_claim("RGB PSNR against full compute (dB), toyworld",
+                           _finite(hero_toy["quality"]["vs_full"]["psnr"], math.inf), ">=",
+                           TARGET_PSNR, note))
+        rows.append(_claim("PSNR drop against the rendered truth (dB), toyworld",
+                           hero_toy["quality"]["psnr_drop_vs_truth"], "<", TARGET_PSNR_DROP, note))
+    return rows
+
+
+def _claim(name: str, value: float | None, op: str, target: float, note: str | None = None
+           ) -> dict[str, Any]:
+    met = None if value is None else (value >= target if op == ">=" else value < target)
+    return {"claim": f"HERO default: {name} {op} {target:g}", "value": value, "target": target,
+            "met": met, "note": note}
+
+
+def verdicts(result: dict[str, Any]) -> dict[str, str]:
+    """For every other method: a HERO preset at least as fast (both speed measures) with better
+    quality, or a plain statement that none is."""
+    speed, toy = result["workloads"][SPEED_WORKLOAD]["methods"], result["workloads"][QUALITY_WORKLOAD]["methods"]
+    heroes = [n for n, row in toy.items() if row["family"] == "hero" and n in speed]
+    out = {}
+    for name, row in toy.items():
+        if row["family"] in ("hero", "full") or name not in speed or "quality" not in row:
+            continue
+        mine = _point(name, speed, toy)
+        better = [h for h in heroes if _point(h, speed, toy)["wall"] >= mine["wall"]
+                  and _point(h, speed, toy)["flops"] >= mine["flops"]
+                  and _point(h, speed, toy)["psnr"] > mine["psnr"]]
+        if better:
+            best = max(better, key=lambda h: _point(h, speed, toy)["psnr"])
+            theirs = _point(best, speed, toy)
+            out[name] = (f"HERO ({best}) is better: PSNR {_db(theirs['psnr'])} vs {_db(mine['psnr'])} "
+                         f"at {theirs['wall']:.2f}x vs {mine['wall']:.2f}x wall-clock and "
+                         f"{theirs['flops']:.2f}x vs {mine['flops']:.2f}x fewer FLOPs")
+            continue
+        faster = [h for h in heroes if _point(h, speed, toy)["wall"] >= mine["wall"]
+                  and _point(h, speed, toy)["flops"] >= mine["flops"]]
+        if not faster:
+            out[name] = (f"NOT beaten by HERO: no HERO preset is as fast ({name}: "
+                         f"{mine['wall']:.2f}x wall-clock, {mine['flops']:.2f}x fewer FLOPs, "
+                         f"PSNR {_db(mine['psnr'])})")
+        else:
+            best = max(faster, key=lambda h: _point(h, speed, toy)["psnr"])
+            out[name] = (f"NOT beaten by HERO: every HERO preset as fast has lower quality ({best}: "
+                         f"PSNR {_db(_point(best, speed, toy)['psnr'])} vs {_db(mine['psnr'])})")
+    return out
+
+
+def _point(name: str, speed: dict[str, Any], toy: dict[str, Any]) -> dict[str, float]:
+    """Wall-clock speedup (Aether-shaped; FLOPs there when untimed), toyworld FLOPs speedup and PSNR."""
+    shaped = speed[name]
+    return {"wall": shaped["speedup"] if shaped["speedup"] is not None else shaped["flops_speedup"],
+            "flops": toy[name]["flops_speedup"],
+            "psnr": _finite(toy[name]["quality"]["vs_full"]["psnr"], math.inf)}
+
+
+def _finite(value: float | None, default: float) -> float:
+    return default if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _db(value: float) -> str:
+    return "exact" if math.isinf(value) else f"{value:.2f} dB"
+
+
+# ---------------------------------------------------------------------------------------- files
+def write_all(result: dict[str, Any], out: Path, summary: Path | None) -> list[Path]:
+    """``<out>/<stem>.json`` / ``.md`` / ``_pareto.png`` / ``_coupling_<workload>.png``; summary."""
+    stem = "accel_quick" if result["settings"]["mode"] == "quick" else "accel"
+    out.mkdir(parents=True, exist_ok=True)
+    result["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    written = []
+    for name, workload in result["workloads"].items():
+        coupling = workload["coupling"]
+        written.append(plot_profile(out / f"{stem}_coupling_{name}.png", coupling["profile"],
+                                    coupling["split"],
+                                    f"feature coupling, {name}: split {coupling['split']} of "
+                                    f"{len(coupling['profile'])} blocks (probe)"))
+    written.append(pareto_plot(result, out / f"{stem}_pareto.png"))
+    json_path = out / f"{stem}.json"
+    json_path.write_text(json.dumps(json_safe(result), indent=1, allow_nan=False) + "\n")
+    md_path = out / f"{stem}.md"
+    md_path.write_text(markdown(result, stem))
+    written += [json_path, md_path]
+    if summary is not None:
+        written.append(update_summary(summary, result, out, stem))
+    return written
+
+
+def json_safe(value: Any) -> Any:
+    """Strict JSON: non-finite floats become null, tensors lists, other objects their repr."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return json_safe(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def markdown(result: dict[str, Any], stem: str) -> str:
+    """Every workload's full table, the claims and the verdicts."""
+    lines = [f"# Accelerator benchmark ({result['settings']['mode']})", "",
+             f"Command: `{result['command']}`", "", _machine_line(result), ""]
+    lines += claims_table(result) + [""] + summary_table(result) + [""]
+    for name, workload in result["workloads"].items():
+        lines += [f"## {name}", "", _workload_line(name, workload), ""]
+        lines += workload_table(workload) + [""]
+    lines += [f"![speed-quality Pareto]({stem}_pareto.png)", ""]
+    for name in result["workloads"]:
+        lines += [f"![feature coupling, {name}]({stem}_coupling_{name}.png)", ""]
+    return "\n".join(lines)
+
+
+def claims_table(result: dict[str, Any]) -> list[str]:
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    for row in result["claims"]:
+        met = {True: "yes", False: "**no**", None: "n/a"}[row["met"]]
+        note = f" ({row['note']})" if row.get("note") else ""
+        lines.append(f"| {row['claim']} | {_num(row['value'])} | {met}{note} |")
+    return lines
+
+
+def summary_table(result: dict[str, Any]) -> list[str]:
+    """One row per method: speed on the Aether-shaped transformer, quality on toyworld, verdict."""
+    speed = result["workloads"][SPEED_WORKLOAD]["methods"]
+    toy = result["workloads"][QUALITY_WORKLOAD]["methods"]
+    lines = ["| method | wall-clock speedup (Aether-shaped) | FLOPs reduction (Aether-shaped / "
+             "toyworld) | PSNR vs full (dB) | SSIM vs full | depth AbsRel vs full | PSNR drop vs "
+             "truth (dB) | cache (MiB, Aether-shaped) | compared with HERO |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in toy.items():
+        shaped = speed.get(name, {})
+        quality = row.get("quality", {})
+        vs_full = quality.get("vs_full", {})
+        lines.append(
+            f"| {name} | {_x(shaped.get('speedup'))} | {_x(shaped.get('flops_speedup'))} / "
+            f"{_x(row['flops_speedup'])} | {_psnr(vs_full)} | {_num(vs_full.get('ssim'), 4)} | "
+            f"{_num(vs_full.get('abs_rel'), 4)} | {_num(quality.get('psnr_drop_vs_truth'))} | "
+            f"{_num(_mib(shaped.get('cache_bytes')), 1)} | {result['verdicts'].get(name, '')} |")
+    return lines
+
+
+def workload_table(workload: dict[str, Any]) -> list[str]:
+    has_quality = any("quality" in row for row in workload["methods"].values())
+    head = ["method", "family", "steps", "wall-clock speedup", "FLOPs vs full", "peak memory (MiB)",
+            "cache (MiB)", "latent rel. error"]
+    if has_quality:
+        head += ["PSNR vs full", "SSIM vs full", "AbsRel vs full", "PSNR vs truth",
+                 "drop vs truth", "AbsRel vs truth"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in workload["methods"].items():
+        cells = [name, row["family"], str(row["steps"]), _x(row["speedup"]),
+                 _num(row["flops_ratio"], 3), _num(_mib(row["peak_memory_bytes"]), 1),
+                 _num(_mib(row["cache_bytes"]), 2), _num(row["latent_rel_err"], 4)]
+        if has_quality:
+            quality = row.get("quality", {})
+            vs_full, truth = quality.get("vs_full", {}), quality.get("vs_truth", {})
+            cells += [_psnr(vs_full), _num(vs_full.get("ssim"), 4), _num(vs_full.get("abs_rel"), 4),
+                      _num(truth.get("psnr")), _num(quality.get("psnr_drop_vs_truth")),
+                      _num(truth.get("abs_rel"), 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _machine_line(result: dict[str, Any]) -> str:
+    machine = result["machine"]
+    return (f"Machine: {machine['cpus']} CPUs, {machine['threads']} torch threads, device "
+            f"{machine['gpu'] or machine['device']}, torch {machine['torch']}; load average "
+            f"{machine['load_average_before'][0]:.1f} before, {machine['load_average_after'][0]:.1f} "
+            f"after; {result['seconds'] / 60:.1f} min in all.")
+
+
+def _workload_line(name: str, workload: dict[str, Any]) -> str:
+    info = ", ".join(f"{k}={v}" for k, v in workload["info"].items() if k != "seeds")
+    timed = "timed in alternating pairs" if workload["timed"] else "not timed"
+    return f"{info}; {workload['steps']} steps, guidance {workload['guidance']}; {timed}."
+
+
+def _x(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _psnr(vs_full: dict[str, Any]) -> str:
+    if not vs_full:
+        return "–"
+    if vs_full.get("psnr") is None or math.isnan(vs_full["psnr"]):
+        return "exact" if vs_full.get("identical_frames") else "–"
+    return f"{vs_full['psnr']:.2f}"
+
+
+def _mib(value: int | None) -> float | None:
+    return None if value is None else value / MIB
+
+
+# ---------------------------------------------------------------------------------------- plots
+FAMILY_STYLE = {"full": ("black", "s"), "steps": ("tab:gray", "v"), "hero": ("tab:red", "*"),
+                "diffusers": ("tab:blue", "o"), "baseline": ("tab:green", "D")}
+
+
+def pareto_plot(result: dict[str, Any], path: Path) -> Path:
+    """Toyworld PSNR against full compute versus speed: toyworld FLOPs reduction (left) and
+    Aether-shaped wall-clock speedup (right); the Pareto front of each panel is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    toy = result["workloads"][QUALITY_WORKLOAD]["methods"]
+    speed = result["workloads"][SPEED_WORKLOAD]["methods"]
+    names = [n for n, row in toy.items() if "quality" in row and n != "full"]
+    finite = [toy[n]["quality"]["vs_full"]["psnr"] for n in names]
+    finite = [p for p in finite if p is not None and math.isfinite(p)]
+    ceiling = (max(finite) if finite else 40.0) + 3.0
+    psnr = {n: min(_finite(toy[n]["quality"]["vs_full"]["psnr"], ceiling), ceiling) for n in names}
+    panels = [("FLOPs reduction on toyworld (x)", {n: toy[n]["flops_speedup"] for n in names}),
+              ("wall-clock speedup, Aether-shaped (x)",
+               {n: speed[n]["speedup"] if speed.get(n, {}).get("speedup") is not None
+                else speed.get(n, {}).get("flops_speedup") for n in names})]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), dpi=120)
+    for ax, (label, xs) in zip(axes, panels):
+        points = [(xs[n], psnr[n], n) for n in names if xs[n] is not None]
+        for x, y, n in points:
+            color, marker = FAMILY_STYLE[toy[n]["family"]]
+            ax.scatter(x, y, color=color, marker=marker, s=90 if marker == "*" else 36, zorder=3)
+            ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        front = pareto_front([(x, y) for x, y, _ in points])
+        if front:
+            ax.plot(*zip(*front), color="tab:red", alpha=0.35, linewidth=1.5, zorder=2)
+        ax.axhline(TARGET_PSNR, color="gray", linestyle=":", linewidth=1)
+        ax.axvline(TARGET_SPEEDUP, color="gray", linestyle=":", linewidth=1)
+        ax.set_xlabel(label)
+        ax.set_ylabel("toyworld RGB PSNR vs full compute (dB; top = exact)")
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=c, marker=m, linestyle="", label=f)
+               for f, (c, m) in FAMILY_STYLE.items() if f != "full"]
+    axes[1].legend(handles=handles, fontsize=8, loc="lower left")
+    fig.suptitle(f"speed vs quality ({result['settings']['mode']} run): up and right is better")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both coordinates (larger is better), by increasing x."""
+    front = []
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return sorted(front)
+
+
+# -------------------------------------------------------------------------------------- summary
+def update_summary(path: Path, result: dict[str, Any], out: Path, stem: str) -> Path:
+    """Replace (or append) the marked section of ``path`` with this run's summary."""
+    mode = result["settings"]["mode"]
+    begin, end = f"<!-- bench.accel:{mode}:begin -->", f"<!-- bench.accel:{mode}:end -->"
+    relative = _relative(out, path.parent)
+    section = "\n".join([
+        begin, "", f"Run of {result['created']}: `{result['command']}`", "", _machine_line(result), "",
+        *claims_table(result), "", *summary_table(result), "",
+        f"Full tables: [{relative}/{stem}.md]({relative}/{stem}.md); every figure: "
+        f"[{relative}/{stem}.json]({relative}/{stem}.json).", "",
+        f"![speed-quality Pareto]({relative}/{stem}_pareto.png)", "",
+        *[f"![feature coupling, {name}]({relative}/{stem}_coupling_{name}.png)"
+          for name in result["workloads"]], "", end])
+    text = path.read_text() if path.exists() else ""
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else \
+        text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _relative(target: Path, start: Path) -> str:
+    try:
+        return target.resolve().relative_to(start.resolve()).as_posix()
+    except ValueError:
+        return target.resolve().as_posix()

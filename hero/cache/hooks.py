@@ -1,0 +1,377 @@
+"""HERO as diffusers hooks: ``apply_hero`` / ``remove_hero`` on a video diffusion transformer.
+
+A root hook on the transformer decides, per call, FULL or PARTIAL from the cache context's step
+(data-independent), resets stale state, picks the tokens to refresh and keeps the statistics.
+Shallow-block hooks cache per-token residuals on FULL steps and, on PARTIAL steps, run the block on
+the refreshed tokens only and reuse cached residuals for the rest. Deep-block hooks record the deep
+stack's residual on FULL steps; on PARTIAL steps the first deep block returns ``x_k + D̂`` and the
+others pass their input through. One state per cache context (``"cond"``/``"uncond"``) lives in a
+diffusers ``StateManager``; caches keep the batch axis, so batched CFG rows stay apart too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from hero.cache.adapters import (BlockAdapter, BlockInputs, KeyValue, adapter_for,
+                                 bind_model_inputs, gather_tokens, scatter_tokens)
+from hero.cache.config import HeroConfig
+from hero.cache.extrapolate import ResidualHistory
+from hero.cache.refresh import RefreshTracker, build_layout
+from hero.cache.schedule import StepMode, step_mode
+from hero.cache.stats import GenerationStats, summarize
+
+ROOT_HOOK = "hero_root"
+SHALLOW_HOOK = "hero_shallow_block"
+DEEP_HOOK = "hero_deep_block"
+HOOK_NAMES = (ROOT_HOOK, SHALLOW_HOOK, DEEP_HOOK)
+
+
+class HeroState(BaseState):
+    """Everything one cache context remembers within one generation."""
+
+    def __init__(self) -> None:
+        self.signature: tuple | None = None
+        self.num_steps: int | None = None
+        self.next_counted_step = 0
+        self._clear()
+
+    def _clear(self) -> None:
+        self.step = -1
+        self.mode = StepMode.FULL
+        self.counting = False
+        self.ready = False
+        self.tracker: RefreshTracker | None = None
+        self.index: torch.Tensor | None = None
+        self.shallow_residuals: dict[int, torch.Tensor] = {}
+        self.key_values: dict[int, KeyValue] = {}
+        self.deep_input: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.deep_history = ResidualHistory()
+        self.stats = GenerationStats()
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def start_generation(self, signature: tuple, num_steps: int) -> None:
+        self.signature, self.num_steps = signature, num_steps
+        self._clear()
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.shallow_residuals.values(),
+                   *(t for kv in self.key_values.values() for t in kv)]
+        total = sum(t.nbytes for t in tensors) + self.deep_history.nbytes
+        return total + (self.tracker.nbytes if self.tracker is not None else 0)
+
+
+@dataclass
+class HeroRuntime:
+    """What every HERO hook of one model shares: config, adapter, split, compiled kernels."""
+
+    config: HeroConfig
+    adapter: BlockAdapter
+    num_layers: int
+    split: int
+
+    def __post_init__(self) -> None:
+        self.partial_block = _partial_block
+        if self.config.compile:
+            self.partial_block = self.compiled(_partial_block)
+
+    def compiled(self, function: Any) -> Any:
+        return torch.compile(function, dynamic=False, backend=self.config.compile_backend)
+
+    def run_full(self, hook: ModelHook, state: HeroState, args: tuple, kwargs: dict[str, Any]
+                 ) -> Any:
+        """The block's own forward: compiled when asked (blocks of one class share the compiled
+        code), eager while the FLOP counter watches (fused kernels would hide operations)."""
+        if not self.config.compile or state.counting:
+            return hook.fn_ref.original_forward(*args, **kwargs)
+        if hook.compiled_forward is None:
+            hook.compiled_forward = self.compiled(hook.fn_ref.original_forward)
+        return hook.compiled_forward(*args, **kwargs)
+
+    def partial_kernel(self, state: HeroState) -> Any:
+        return _partial_block if state.counting else self.partial_block
+
+
+def _partial_block(adapter: BlockAdapter, block: nn.Module, inputs: BlockInputs,
+                   index: torch.Tensor, residual: torch.Tensor, key_value: KeyValue | None,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                          KeyValue | None, torch.Tensor, torch.Tensor]:
+    """One shallow block on a PARTIAL step: refreshed tokens recomputed, the rest reuse ``residual``.
+
+    Returns the block's video output, condition output, updated residual cache, updated key/value
+    cache, and the refreshed tokens' old and new residuals (for rate-of-change tracking).
+    """
+    part = adapter.partial_forward(block, inputs, index, key_value, backend)
+    x = inputs.hidden
+    old_sub = gather_tokens(residual, index)
+    new_sub = part.hidden - gather_tokens(x, index)
+    hidden = scatter_tokens(x + residual, index, part.hidden)
+    return hidden, part.encoder, scatter_tokens(residual, index, new_sub), part.key_value, \
+        old_sub, new_sub
+
+
+class HeroRootHook(ModelHook):
+    """On the transformer: step bookkeeping, resets, token selection, FLOP counting, statistics."""
+
+    _is_stateful = True
+
+    def __init__(self, state_manager: StateManager, runtime: HeroRuntime) -> None:
+        super().__init__()
+        self.state_manager = state_manager
+        self.runtime = runtime
+        self.flop_table: dict[tuple, int] = {}
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        runtime, config = self.runtime, self.runtime.config
+        context = self.state_manager.context
+        state: HeroState = self.state_manager.get_state()
+        inputs = bind_model_inputs(module, args, kwargs)
+        grid = runtime.adapter.token_grid(module, inputs)
+        signature = _signature(grid, inputs)
+        step, num_steps = _position(context, state, config, signature)
+        if signature != state.signature or num_steps != state.num_steps or step <= state.step:
+            state.start_generation(signature, num_steps)
+        mode = step_mode(step, num_steps, config) if state.ready else StepMode.FULL
+        batch = int(inputs["hidden_states"].shape[0])
+        self._begin_step(state, step, mode, grid, batch, inputs["hidden_states"].device)
+        key = (signature, mode)
+        state.counting = config.count_flops and key not in self.flop_table
+        if state.counting:
+            with FlopCounterMode(display=False) as counter:
+                output = self.fn_ref.original_forward(*args, **kwargs)
+            self.flop_table[key] = counter.get_total_flops()
+            state.counting = False
+        else:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        self._end_step(state, signature, grid, batch)
+        return output
+
+    def _begin_step(self, state: HeroState, step: int, mode: StepMode, grid: tuple[int, int, int],
+                    batch: int, device: torch.device) -> None:
+        config = self.runtime.config
+        if state.tracker is None:
+            layout = build_layout(grid, config.patch_size, config.tokens_per_patch, device)
+            state.tracker = RefreshTracker(layout, batch, device, config.rate_weight,
+                                           config.rate_momentum)
+        state.step, state.mode = step, mode
+        state.index = state.tracker.select() if mode is StepMode.PARTIAL else None
+
+    def _end_step(self, state: HeroState, signature: tuple, grid: tuple[int, int, int],
+                  batch: int) -> None:
+        runtime = self.runtime
+        full = state.mode is StepMode.FULL
+        tokens = grid[0] * grid[1] * grid[2]
+        refreshed = tokens if full else state.tracker.layout.num_refreshed
+        computed_blocks = runtime.num_layers if full else runtime.split
+        state.stats.record(full, batch * tokens * runtime.num_layers,
+                           batch * refreshed * computed_blocks,
+                           self.flop_table.get((signature, state.mode)),
+                           self.flop_table.get((signature, StepMode.FULL)))
+        state.tracker.advance(None if full else state.index)
+        state.index = None
+        state.ready = True
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.state_manager.reset()
+        return module
+
+    def stats(self) -> dict[str, Any]:
+        runtime = self.runtime
+        per_context = {name: (state.stats, state.nbytes)
+                       for name, state in self.state_manager._state_cache.items()}
+        summary = summarize(per_context)
+        summary.update(num_layers=runtime.num_layers, split=runtime.split,
+                       model_family=runtime.adapter.name, config=runtime.config.to_dict())
+        return summary
+
+
+class HeroShallowBlockHook(ModelHook):
+    """Shallow block ``i < k``: cache per-token residuals on FULL, patch-wise refresh on PARTIAL."""
+
+    def __init__(self, state_manager: StateManager, runtime: HeroRuntime, index: int) -> None:
+        super().__init__()
+        self.state_manager = state_manager
+        self.runtime = runtime
+        self.block_index = index
+        self.compiled_forward: Any = None
+        self.tracks_rate = index == runtime.split - 1 and runtime.config.rate_weight > 0
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state: HeroState = self.state_manager.get_state()
+        adapter = self.runtime.adapter
+        inputs = adapter.bind(args, kwargs)
+        partial_block = self.runtime.partial_kernel(state)
+        i = self.block_index
+        if state.mode is StepMode.FULL:
+            if self.runtime.config.kv_mode == "cached_kv":
+                return self._full_with_key_values(module, state, inputs, partial_block)
+            output = self.runtime.run_full(self, state, args, kwargs)
+            hidden, _ = adapter.split_output(output)
+            self._store_full_residual(state, hidden - inputs.hidden)
+            return output
+        hidden, encoder, state.shallow_residuals[i], key_value, old_sub, new_sub = partial_block(
+            adapter, module, inputs, state.index, state.shallow_residuals[i],
+            state.key_values.get(i), self.runtime.config.attention_backend)
+        if key_value is not None:
+            state.key_values[i] = key_value
+        if self.tracks_rate:
+            state.tracker.observe_change(state.index, old_sub, new_sub)
+        return adapter.pack_output(hidden, encoder)
+
+    def _store_full_residual(self, state: HeroState, residual: torch.Tensor) -> None:
+        previous = state.shallow_residuals.get(self.block_index)
+        if self.tracks_rate and previous is not None:
+            state.tracker.observe_change(None, previous, residual)
+        state.shallow_residuals[self.block_index] = residual
+
+    def _full_with_key_values(self, module: nn.Module, state: HeroState, inputs: BlockInputs,
+                              partial_block: Any) -> Any:
+        """A FULL step in ``cached_kv`` mode: HERO's own block over all tokens, keeping keys/values."""
+        x = inputs.hidden
+        everything = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        heads = _attention_heads(module)
+        empty = x.new_zeros(*x.shape[:2], heads, x.shape[2] // heads)
+        zero_residual = torch.zeros_like(x)
+        hidden, encoder, residual, key_value, _, _ = partial_block(
+            self.runtime.adapter, module, inputs, everything, zero_residual, (empty, empty),
+            self.runtime.config.attention_backend)
+        state.key_values[self.block_index] = key_value
+        self._store_full_residual(state, residual)
+        return self.runtime.adapter.pack_output(hidden, encoder)
+
+
+class HeroDeepBlockHook(ModelHook):
+    """Deep block ``i >= k``: record ``D = x_L - x_k`` on FULL; on PARTIAL the first deep block
+    returns ``x_k + D̂`` and the others pass their input through."""
+
+    def __init__(self, state_manager: StateManager, runtime: HeroRuntime, is_entry: bool,
+                 is_exit: bool) -> None:
+        super().__init__()
+        self.state_manager = state_manager
+        self.runtime = runtime
+        self.is_entry = is_entry
+        self.is_exit = is_exit
+        self.compiled_forward: Any = None
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state: HeroState = self.state_manager.get_state()
+        adapter = self.runtime.adapter
+        inputs = adapter.bind(args, kwargs)
+        encoder = inputs.encoder if adapter.returns_encoder else None
+        if state.mode is StepMode.FULL:
+            if self.is_entry:
+                state.deep_input = (inputs.hidden, encoder)
+            output = self.runtime.run_full(self, state, args, kwargs)
+            if self.is_exit:
+                hidden_out, encoder_out = adapter.split_output(output)
+                hidden_in, encoder_in = state.deep_input
+                residuals = (hidden_out - hidden_in,) if encoder_in is None else \
+                    (hidden_out - hidden_in, encoder_out - encoder_in)
+                state.deep_history.push(state.step, residuals)
+                state.deep_input = None
+            return output
+        if not self.is_entry:
+            return adapter.pack_output(inputs.hidden, encoder)
+        residuals = state.deep_history.predict(state.step)
+        hidden = inputs.hidden + residuals[0]
+        if encoder is not None:
+            encoder = encoder + residuals[1]
+        return adapter.pack_output(hidden, encoder)
+
+
+def _attention_heads(block: nn.Module) -> int:
+    return int(block.attn1.heads)
+
+
+def _signature(grid: tuple[int, int, int], inputs: dict[str, Any]) -> tuple:
+    """What must stay the same for cached tensors to be reusable: grid and every input's shape."""
+    shapes = tuple((name, tuple(value.shape), str(value.dtype), str(value.device))
+                   for name, value in inputs.items() if isinstance(value, torch.Tensor))
+    return (grid, shapes)
+
+
+def _position(context: CacheContext, state: HeroState, config: HeroConfig, signature: tuple
+              ) -> tuple[int, int]:
+    """(step index, step count) from the cache context, or counted per context when it lacks them."""
+    num_steps = context.num_inference_steps or config.num_inference_steps
+    if num_steps is None:
+        raise ValueError(f"HERO needs the step count: call the transformer under cache_context("
+                         f"{context.name!r}, step_index=i, num_inference_steps=S) or set "
+                         "HeroConfig.num_inference_steps")
+    if context.step_index is not None:
+        return int(context.step_index), int(num_steps)
+    if signature != state.signature:
+        state.next_counted_step = 0
+    step = state.next_counted_step % num_steps
+    state.next_counted_step = step + 1
+    return step, int(num_steps)
+
+
+def root_hook(transformer: nn.Module) -> HeroRootHook | None:
+    """The HERO root hook of ``transformer``, or None when HERO is not applied."""
+    registry = getattr(transformer, "_diffusers_hook", None)
+    return None if registry is None else registry.get_hook(ROOT_HOOK)
+
+
+def apply_hero(transformer: nn.Module, config: HeroConfig | None = None) -> None:
+    """Accelerate ``transformer`` with HERO; calls must then run under ``cache_context``."""
+    config = config or HeroConfig()
+    if root_hook(transformer) is not None:
+        raise ValueError("HERO is already applied to this transformer; call remove_hero first")
+    adapter = adapter_for(transformer)
+    blocks = adapter.blocks(transformer)
+    num_layers = len(blocks)
+    runtime = HeroRuntime(config, adapter, num_layers, config.resolve_split(num_layers))
+    manager = StateManager(HeroState)
+    for i, block in enumerate(blocks):
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        if i < runtime.split:
+            registry.register_hook(HeroShallowBlockHook(manager, runtime, i), SHALLOW_HOOK)
+        else:
+            registry.register_hook(HeroDeepBlockHook(manager, runtime, i == runtime.split,
+                                                     i == num_layers - 1), DEEP_HOOK)
+    root = HookRegistry.check_if_exists_or_initialize(transformer)
+    root.register_hook(HeroRootHook(manager, runtime), ROOT_HOOK)
+    root.invalidate_child_registries_cache()
+
+
+def remove_hero(transformer: nn.Module) -> None:
+    """Remove HERO's hooks and state; the model's own ``forward`` methods are back as they were."""
+    if root_hook(transformer) is None:
+        return
+    registry = transformer._diffusers_hook
+    for name in HOOK_NAMES:
+        registry.remove_hook(name, recurse=True)
+    registry.invalidate_child_registries_cache()
+    drop_empty_registries([transformer, *adapter_for(transformer).blocks(transformer)])
+
+
+def reset_hero(transformer: nn.Module) -> None:
+    """Forget every cache context's state (the next call starts a fresh generation)."""
+    hook = root_hook(transformer)
+    if hook is None:
+        raise ValueError(f"HERO is not applied to this {type(transformer).__name__}")
+    hook.reset_state(transformer)
+
+
+def drop_empty_registries(modules: Any) -> None:
+    """Undo what emptied diffusers hook registries left on ``modules``: the registry itself and the
+    instance attribute ``forward`` pinned to the class's own method."""
+    for module in modules:
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is None or registry.hooks:
+            continue
+        del module._diffusers_hook
+        forward = module.__dict__.get("forward")
+        if getattr(forward, "__self__", None) is module and \
+                getattr(forward, "__func__", None) is type(module).forward:
+            del module.forward

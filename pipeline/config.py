@@ -1,0 +1,186 @@
+"""Job configuration: YAML file plus command-line overrides, validated before any work starts.
+
+Every field has a default that runs (the embedded default job). A bad value raises
+:class:`ConfigError` naming the dotted key; ``jobs/generate.py`` turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.manifest import SAFE_ID, SAFE_ID_RULE
+from pipeline.storage import is_local_uri, redact
+
+DEFAULT_MODEL = "tiny"  # the embedded default's world model: "toyworld" once its weights ship
+DEFAULT_OUTPUT_ROOT = "~/hero-rollouts"
+FINGERPRINT_KEYS = ("input", "limit", "model", "accel", "generate.steps", "sink.rows_per_shard")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run; ``key`` is the dotted name of the offending setting."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"config key '{key}': {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which world model the actors load: ``hero.models.load_model(name, **options)``."""
+
+    name: str = DEFAULT_MODEL
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class AccelConfig(_Section):
+    """Which accelerator the actors apply to the model's transformer (``none``, ``hero``, ...)."""
+
+    name: str = "none"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class GenerateConfig(_Section):
+    """The actor pool: actors, rollouts per model call, resources per actor. Ray Data restarts an actor
+    whose process dies and retries its batch, so a lost actor costs time, never samples."""
+
+    actors: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1)
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)
+    steps: int | None = Field(None, ge=1, description="denoising steps for every row (None: the row's or the model's)")
+
+
+class SinkConfig(_Section):
+    """Shards and storage: rows per shard (the unit of commit and resume), retries, fsspec options."""
+
+    rows_per_shard: int = Field(4, ge=1, le=100_000)
+    retries: int = Field(5, ge=0, le=20)
+    retry_backoff_s: float = Field(0.5, ge=0)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RayConfig(_Section):
+    """Where to run: ``address`` of a cluster (None: ``RAY_ADDRESS`` or a new local instance)."""
+
+    address: str | None = None
+    num_cpus: int = Field(4, ge=1, description="logical CPUs of a new local instance")
+    prep_num_cpus: float = Field(0.5, gt=0)
+    encode_num_cpus: float = Field(0.5, gt=0)
+
+
+class JobConfig(_Section):
+    """A generation job. ``input``/``output`` of None mean the shipped manifest and a local folder."""
+
+    run_id: str | None = None
+    input: str | None = None
+    output: str | None = None
+    limit: int | None = Field(None, ge=1)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    accel: AccelConfig = Field(default_factory=AccelConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    sink: SinkConfig = Field(default_factory=SinkConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, value: str | None) -> str | None:
+        if value is not None and not SAFE_ID.fullmatch(value):
+            raise ValueError(f"must be {SAFE_ID_RULE}")
+        return value
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that decide what gets generated (not how fast); resume requires a match."""
+        return hashlib.sha256(json.dumps(self.fingerprint_values(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def fingerprint_values(self) -> dict[str, Any]:
+        dumped = self.model_dump(mode="json")
+        values = {}
+        for key in FINGERPRINT_KEYS:
+            node: Any = dumped
+            for part in key.split("."):
+                node = node[part]
+            values[key] = node
+        return values
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as written into run.json/summary.json/meta.json, credentials masked."""
+        return redact(self.model_dump(mode="json"))
+
+
+def resolve(config: JobConfig, inside_ray_job: bool | None = None) -> JobConfig:
+    """Fill in input, run id and output; refuse relative local output inside a Ray job."""
+    from pipeline.sources import default_manifest
+
+    inside_ray_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")) if inside_ray_job is None else inside_ray_job
+    resolved = config.model_copy(deep=True)
+    if resolved.input is None:
+        resolved.input = default_manifest()
+    if resolved.run_id is None:
+        resolved.run_id = f"{resolved.model.name}-{resolved.accel.name}-{resolved.fingerprint()}"
+        if not SAFE_ID.fullmatch(resolved.run_id):
+            raise ConfigError("run_id", f"derived run id {resolved.run_id!r} is not {SAFE_ID_RULE}; set --run-id")
+    output = resolved.output or f"{DEFAULT_OUTPUT_ROOT}/{{run_id}}"
+    output = output.replace("{run_id}", resolved.run_id)
+    if is_local_uri(output):
+        path = Path(os.path.expanduser(output.removeprefix("file://")))
+        if not path.is_absolute() and inside_ray_job:
+            raise ConfigError("output", f"relative path {output!r} would land in the job's temporary copy of "
+                                        "the working directory; give an absolute path or a URI")
+        output = str(path.absolute())
+    resolved.output = output
+    return resolved
+
+
+def _set_key(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(key, f"'{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_config(file: str | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Load ``file`` (YAML), apply dotted-key ``overrides``, validate; raise ConfigError naming the key."""
+    tree: dict[str, Any] = {}
+    if file is not None:
+        try:
+            with open(file, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError("config", f"file {file!r} not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError("config", f"{file}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("config", f"{file}: expected a mapping at the top level")
+        tree = loaded or {}
+    for key, value in (overrides or {}).items():
+        _set_key(tree, key, value)
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        key = ".".join(str(p) for p in error["loc"]) or "config"
+        reason = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        raise ConfigError(key, f"{reason} (got {error.get('input')!r})" if error["type"] != "extra_forbidden" else reason) from None
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set key=value`` value: YAML scalars (numbers, booleans, null, lists) or a plain string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text

@@ -1,0 +1,359 @@
+"""HERO's hooks on tiny random diffusers video transformers (CogVideoX/Aether layout and Wan)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+from torch.utils.flop_counter import FlopCounterMode
+
+from hero.cache import HeroConfig, StepMode, apply_hero, hero_stats, remove_hero, reset_hero, schedule
+from hero.cache.hooks import root_hook
+from hero.cache.tiny import TinyVideoModel, tiny_cogvideox, tiny_wan
+
+FAMILIES = {"cogvideox": tiny_cogvideox, "wan": tiny_wan}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops on a shared two-core machine: one intra-op thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def drifting_latents(model: TinyVideoModel, num_steps: int, batch: int = 1, seed: int = 0
+                     ) -> list[torch.Tensor]:
+    """Inputs that change from step to step independently of the outputs."""
+    start, end = model.latents(batch, seed), model.latents(batch, seed + 10)
+    return [start + (end - start) * (s / num_steps) ** 2 for s in range(num_steps)]
+
+
+@torch.no_grad()
+def run(model: TinyVideoModel, inputs: list[torch.Tensor], text: torch.Tensor,
+        context: str = "cond") -> list[torch.Tensor]:
+    return [model(x, text, step, len(inputs), context) for step, x in enumerate(inputs)]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    model = FAMILIES[request.param]()
+    inputs = drifting_latents(model, 8)
+    text = model.text(1)
+    return model, inputs, text, run(model, inputs, text)
+
+
+def test_all_full_schedule_is_bit_identical(family):
+    model, inputs, text, reference = family
+    apply_hero(model.transformer, HeroConfig(interval=1))
+    try:
+        outputs = run(model, inputs, text)
+        stats = hero_stats(model.transformer)
+    finally:
+        remove_hero(model.transformer)
+    assert stats["partial_steps"] == 0 and stats["full_steps"] == len(inputs)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, reference))
+
+
+@pytest.mark.parametrize("kv_mode", ["recompute_kv", "cached_kv"])
+def test_refreshing_every_token_matches_full(family, kv_mode):
+    model, inputs, text, reference = family
+    num_layers = len(root_free_blocks(model))
+    apply_hero(model.transformer, HeroConfig(rho=1.0, split=num_layers, kv_mode=kv_mode))
+    try:
+        outputs = run(model, inputs, text)
+        stats = hero_stats(model.transformer)
+    finally:
+        remove_hero(model.transformer)
+    assert stats["partial_steps"] == schedule(len(inputs), HeroConfig()).count(StepMode.PARTIAL)
+    for a, b in zip(outputs, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_steps_approximate_and_full_steps_stay_exact(family):
+    model, inputs, text, reference = family
+    apply_hero(model.transformer, HeroConfig())
+    try:
+        outputs = run(model, inputs, text)
+    finally:
+        remove_hero(model.transformer)
+    modes = schedule(len(inputs), HeroConfig())
+    for mode, a, b in zip(modes, outputs, reference):
+        if mode is StepMode.PARTIAL:
+            assert not torch.allclose(a, b, atol=1e-4)
+    assert torch.equal(outputs[0], reference[0]) and torch.equal(outputs[1], reference[1])
+
+
+def test_cached_kv_reuses_stale_keys(family):
+    model, inputs, text, _ = family
+    outputs = {}
+    for kv_mode in ("recompute_kv", "cached_kv"):
+        apply_hero(model.transformer, HeroConfig(split=len(root_free_blocks(model)), kv_mode=kv_mode))
+        try:
+            outputs[kv_mode] = run(model, inputs, text)
+        finally:
+            remove_hero(model.transformer)
+    torch.testing.assert_close(outputs["recompute_kv"][1], outputs["cached_kv"][1])
+    assert not torch.allclose(outputs["recompute_kv"][2], outputs["cached_kv"][2], atol=1e-6)
+
+
+def root_free_blocks(model: TinyVideoModel) -> nn.ModuleList:
+    return getattr(model.transformer, "transformer_blocks", None) or model.transformer.blocks
+
+
+class AffineBlock(nn.Module):
+    """A stand-in CogVideoX block whose output is affine in its input (no timestep dependence)."""
+
+    def __init__(self, dim: int, seed: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.video = nn.Linear(dim, dim)
+        self.text = nn.Linear(dim, dim)
+        with torch.no_grad():
+            for layer in (self.video, self.text):
+                layer.weight.copy_(torch.randn(dim, dim, generator=generator) * 0.1)
+                layer.bias.copy_(torch.randn(dim, generator=generator) * 0.1)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                attention_kwargs=None):
+        return (hidden_states + self.video(hidden_states),
+                encoder_hidden_states + self.text(encoder_hidden_states))
+
+
+@pytest.mark.parametrize("power,exact", [(1, True), (2, False)])
+def test_extrapolation_is_exact_when_the_deep_residual_is_linear_in_the_step(power, exact):
+    model = tiny_cogvideox(num_layers=3)
+    dim = model.transformer.config.num_attention_heads * model.transformer.config.attention_head_dim
+    model.transformer.transformer_blocks = nn.ModuleList(AffineBlock(dim, seed) for seed in range(3))
+    start, direction = model.latents(1, 0), model.latents(1, 1)
+    inputs = [start + direction * (step / 10) ** power for step in range(10)]
+    text = model.text(1)
+    reference = run(model, inputs, text)
+    config = HeroConfig(split=0, warmup_steps=2, interval=3, final_full_steps=1)
+    apply_hero(model.transformer, config)
+    try:
+        outputs = run(model, inputs, text)
+    finally:
+        remove_hero(model.transformer)
+    modes = schedule(10, config)
+    assert modes.count(StepMode.PARTIAL) == 5
+    partial_error = max(float((a - b).abs().max()) for mode, a, b in zip(modes, outputs, reference)
+                        if mode is StepMode.PARTIAL)
+    assert (partial_error < 1e-5) is exact, partial_error
+
+
+def test_cfg_contexts_keep_separate_caches(family):
+    model, inputs, text, _ = family
+    other_text = model.text(1, seed=7)
+    apply_hero(model.transformer, HeroConfig())
+    try:
+        alone = run(model, inputs, text, "cond")
+        reset_hero(model.transformer)
+        interleaved = []
+        with torch.no_grad():
+            for step, x in enumerate(inputs):
+                interleaved.append(model(x, text, step, len(inputs), "cond"))
+                model(x, other_text, step, len(inputs), "uncond")
+        stats = hero_stats(model.transformer)
+    finally:
+        remove_hero(model.transformer)
+    assert set(stats["contexts"]) == {"cond", "uncond"}
+    assert all(torch.equal(a, b) for a, b in zip(alone, interleaved))
+
+
+def test_batch_rows_do_not_leak():
+    model = tiny_cogvideox()
+    config = HeroConfig(rate_weight=1.0)
+    first = drifting_latents(model, 8, 1, seed=0)
+    partners = [drifting_latents(model, 8, 1, seed=s) for s in (3, 4)]
+    text = model.text(1).expand(2, -1, -1)
+    results = []
+    for partner in partners:
+        apply_hero(model.transformer, config)
+        try:
+            results.append(run(model, [torch.cat([a, b]) for a, b in zip(first, partner)], text))
+        finally:
+            remove_hero(model.transformer)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(results[0][4][1], results[1][4][1])
+
+
+def test_new_shapes_and_step_counts_never_reuse_stale_state():
+    model = tiny_cogvideox()
+    text = model.text(1)
+    apply_hero(model.transformer, HeroConfig())
+    try:
+        with torch.no_grad():
+            for step in range(4):
+                model(model.latents(1, step), text, step, 10)
+            changes = [dict(height=12), dict(batch=2), dict(num_steps=12)]
+            for change in changes:
+                batch = change.get("batch", 1)
+                x = model.latents(batch, 9, height=change.get("height"))
+                num_steps = change.get("num_steps", 10)
+                assert schedule(num_steps, HeroConfig())[4] is StepMode.PARTIAL
+                hooked = model(x, text.expand(batch, -1, -1), 4, num_steps)
+                stats = hero_stats(model.transformer)
+                assert (stats["full_steps"], stats["partial_steps"]) == (1, 0), change
+                remove_hero(model.transformer)
+                assert torch.equal(hooked, model(x, text.expand(batch, -1, -1), 4, num_steps))
+                apply_hero(model.transformer, HeroConfig())
+                for step in range(4):
+                    model(model.latents(1, step), text, step, 10)
+    finally:
+        remove_hero(model.transformer)
+
+
+def test_step_zero_and_reset_start_a_new_generation():
+    model = tiny_cogvideox()
+    text = model.text(1)
+    inputs = drifting_latents(model, 6)
+    apply_hero(model.transformer, HeroConfig())
+    try:
+        run(model, inputs, text)
+        run(model, inputs, text)
+        stats = hero_stats(model.transformer)
+        assert (stats["full_steps"], stats["partial_steps"]) == (4, 2)
+        with torch.no_grad():
+            for step in range(2):
+                model(inputs[step], text, step, 6)
+            reset_hero(model.transformer)
+            after_reset = model(inputs[2], text, 2, 6)
+        assert hero_stats(model.transformer)["contexts"]["cond"]["full_steps"] == 1
+    finally:
+        remove_hero(model.transformer)
+    with torch.no_grad():
+        assert torch.equal(after_reset, model(inputs[2], text, 2, 6))
+
+
+def test_remove_hero_restores_the_original_model(family):
+    model, inputs, text, reference = family
+    transformer = model.transformer
+    apply_hero(transformer, HeroConfig())
+    with pytest.raises(ValueError, match="already applied"):
+        apply_hero(transformer, HeroConfig())
+    run(model, inputs, text)
+    remove_hero(transformer)
+    remove_hero(transformer)
+    assert root_hook(transformer) is None
+    for module in [transformer, *root_free_blocks(model)]:
+        assert "forward" not in module.__dict__
+    assert not any(hasattr(block, "_diffusers_hook") for block in root_free_blocks(model))
+    assert all(torch.equal(a, b) for a, b in zip(run(model, inputs, text), reference))
+
+
+def test_calls_need_a_cache_context_with_a_step_count():
+    model = tiny_cogvideox(num_layers=2)
+    apply_hero(model.transformer, HeroConfig())
+    try:
+        x, text = model.latents(1), model.text(1)
+        kwargs = dict(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([999.0]),
+                      image_rotary_emb=model.rotary(x))
+        with pytest.raises(ValueError, match="No cache context"):
+            model.transformer(**kwargs)
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            with model.transformer.cache_context("cond"):
+                model.transformer(**kwargs)
+    finally:
+        remove_hero(model.transformer)
+
+
+def test_step_counting_without_step_index_in_the_context():
+    model = tiny_cogvideox(num_layers=2)
+    x, text = model.latents(1), model.text(1)
+    kwargs = dict(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([999.0]),
+                  image_rotary_emb=model.rotary(x))
+    apply_hero(model.transformer, HeroConfig(num_inference_steps=5))
+    try:
+        with torch.no_grad():
+            for _ in range(7):
+                with model.transformer.cache_context("cond_uncond"):
+                    model.transformer(**kwargs)
+        stats = hero_stats(model.transformer)
+    finally:
+        remove_hero(model.transformer)
+    assert (stats["full_steps"], stats["partial_steps"]) == (2, 0)
+
+
+def test_default_preset_executes_at_most_58_percent_of_full_flops_at_42_blocks():
+    """Aether's proportions (42 blocks; tokens/width ~ 5; text ~ 1.3% of tokens; 4x feed-forward),
+    narrow and short. Shapes are static and the schedule data-independent, so the FLOPs of a
+    50-step sampling are those of its FULL and PARTIAL calls times their counts: both kinds are
+    counted here with torch's FLOP counter on real calls of the hooked model."""
+    model = tiny_cogvideox(num_layers=42, heads=2, head_dim=16, frames=2, height=16, width=20,
+                           text_tokens=2, channels=8)
+    text = model.text(1)
+    x = model.latents(1)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, text, 0, 50)
+    unhooked = counter.get_total_flops()
+    config = HeroConfig.preset("default")
+    apply_hero(model.transformer, config)
+    try:
+        per_step = []
+        with torch.no_grad():
+            for step in range(4):
+                with FlopCounterMode(display=False) as counter:
+                    model(model.latents(1, step), text, step, 50)
+                per_step.append(counter.get_total_flops())
+        stats = hero_stats(model.transformer)
+    finally:
+        remove_hero(model.transformer)
+    full, partial = per_step[0], per_step[2]
+    assert per_step[1] == per_step[3] == full == unhooked
+    modes = schedule(50, config)
+    ratio = (modes.count(StepMode.FULL) * full + modes.count(StepMode.PARTIAL) * partial) / (50 * full)
+    assert 0.5 < ratio <= 0.58, ratio
+    assert stats["flops_ratio"] == pytest.approx((3 * full + partial) / (4 * full))
+    json.dumps(stats)
+
+
+def test_every_call_of_a_kind_executes_the_same_flops():
+    """What the 42-block test relies on: a whole run's counted FLOPs equal per-kind counts times
+    the schedule's counts (static shapes, data-independent schedule)."""
+    model = tiny_cogvideox(num_layers=3)
+    inputs, text = drifting_latents(model, 9), model.text(1)
+    config = HeroConfig(rate_weight=1.0)
+    apply_hero(model.transformer, config)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            run(model, inputs, text)
+        stats = hero_stats(model.transformer)
+    finally:
+        remove_hero(model.transformer)
+    assert counter.get_total_flops() == stats["flops_executed"]
+    assert stats["flops_ratio"] < 1.0
+
+
+def test_compiled_hero_does_not_recompile_per_step():
+    model = tiny_cogvideox(num_layers=3)
+    inputs, text = drifting_latents(model, 8), model.text(1)
+    config = HeroConfig(warmup_steps=1, compile=True, compile_backend="eager")
+    eager_config = HeroConfig(warmup_steps=1)
+    apply_hero(model.transformer, eager_config)
+    try:
+        eager = run(model, inputs, text)
+    finally:
+        remove_hero(model.transformer)
+    torch._dynamo.reset()
+    apply_hero(model.transformer, config)
+    try:
+        graphs = []
+        with torch.no_grad():
+            for step, x in enumerate(inputs):
+                compiled = model(x, text, step, len(inputs))
+                torch.testing.assert_close(compiled, eager[step], rtol=1e-5, atol=1e-5)
+                graphs.append(counters["stats"]["unique_graphs"])
+        run(model, inputs, text)
+        run(model, inputs, text, "uncond")
+        after = counters["stats"]["unique_graphs"]
+    finally:
+        remove_hero(model.transformer)
+        torch._dynamo.reset()
+    assert graphs[3] > 0
+    assert graphs[3] == graphs[-1] == after, graphs

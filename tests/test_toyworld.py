@@ -1,0 +1,135 @@
+"""toyworld's evaluation against the rendered truth (hero.models.toyworld.evaluate).
+
+Run on the tiny random model: the numbers mean nothing, but every figure in the table is checked
+against an independent computation, so the same command on the trained weights can be trusted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+from hero import metrics
+from hero.models.base import Rollout
+from hero.models.toyworld import load_tiny
+from hero.models.toyworld.evaluate import (
+    METRICS,
+    EvalConfig,
+    apply_accel,
+    baseline_rollout,
+    evaluate,
+    heldout_markdown,
+    long_clip,
+    long_trajectory,
+    main,
+    score_against_truth,
+)
+from hero.models.toyworld.train import HELDOUT_SEED_BASE, clip_for_seed
+from hero.models.toyworld.world import FAR
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(2)
+    return load_tiny()
+
+
+def _truth_as_rollout(clip) -> Rollout:
+    return Rollout(rgb=clip.rgb, depth=clip.depth, depth_is_metric=True, k=clip.k.astype(np.float32),
+                   c2w=clip.c2w.astype(np.float32), actions=np.zeros((clip.rgb.shape[0], 6), np.float32))
+
+
+def test_heldout_seeds_never_overlap_training():
+    config = EvalConfig(scenes=5, seed_offset=3)
+    assert config.seeds() == [HELDOUT_SEED_BASE + 3 + i for i in range(5)]
+    assert min(EvalConfig().seeds()) >= HELDOUT_SEED_BASE and len(EvalConfig().seeds()) == 32
+
+
+def test_the_truth_scores_perfectly():
+    clip, _ = clip_for_seed(HELDOUT_SEED_BASE)
+    scores = score_against_truth(_truth_as_rollout(clip), clip)
+    assert np.isinf(scores["psnr"]).all()
+    np.testing.assert_allclose(scores["ssim"], 1.0, atol=1e-12)
+    np.testing.assert_allclose(scores["abs_rel"], 0.0, atol=1e-12)
+    np.testing.assert_allclose(scores["rot_err_deg"], 0.0, atol=1e-3)
+    np.testing.assert_allclose(scores["trans_err"], 0.0, atol=1e-6)
+    assert all(values.shape == (16,) for values in scores.values())  # frame 0 is given, not scored
+
+
+def test_baseline_holds_the_first_frame_and_never_moves():
+    clip, _ = clip_for_seed(HELDOUT_SEED_BASE + 1)
+    baseline = baseline_rollout(clip)
+    assert baseline.frames == 17
+    assert (baseline.rgb == clip.rgb[0]).all() and (baseline.depth == clip.depth[0]).all()
+    scores = score_against_truth(baseline, clip)
+    np.testing.assert_allclose(scores["trans_err"], np.linalg.norm(clip.c2w[1:, :3, 3], axis=-1), rtol=1e-6)
+    expected_psnr = metrics.psnr(np.repeat(clip.rgb[:1], 16, axis=0), clip.rgb[1:])
+    np.testing.assert_allclose(scores["psnr"], expected_psnr)
+
+
+def test_long_trajectories_are_long_seeded_and_differ_by_seed():
+    a, b = long_trajectory(HELDOUT_SEED_BASE, 113), long_trajectory(HELDOUT_SEED_BASE + 1, 113)
+    assert a.steps >= 112 and a == long_trajectory(HELDOUT_SEED_BASE, 113) and a != b
+    clip, _ = long_clip(HELDOUT_SEED_BASE, 113)
+    assert clip.rgb.shape == (113, 48, 64, 3) and (clip.depth <= FAR).all()
+
+
+def test_accel_none_is_a_no_op_and_unknown_names_are_refused(tiny):
+    forward = tiny.transformer.forward
+    apply_accel(tiny, "none")
+    assert tiny.transformer.forward == forward
+    with pytest.raises(ValueError, match="accel: unknown 'teacache'"):
+        apply_accel(tiny, "teacache")
+
+
+@pytest.fixture(scope="module")
+def heldout(tiny):
+    return evaluate(tiny, EvalConfig(scenes=2, steps=1, batch_size=2), keep_rollouts=True)
+
+
+def test_heldout_summary_matches_an_independent_computation(heldout):
+    assert [s["seed"] for s in heldout.scenes] == [HELDOUT_SEED_BASE, HELDOUT_SEED_BASE + 1]
+    for scene, rollout, clip in zip(heldout.scenes, heldout.rollouts, heldout.truths):
+        assert rollout.frames == 17 and rollout.meta["steps"] == 1
+        assert scene["model"]["psnr"] == pytest.approx(metrics.psnr(rollout.rgb[1:], clip.rgb[1:]).mean())
+        assert scene["baseline"]["abs_rel"] == pytest.approx(metrics.abs_rel(
+            np.repeat(clip.depth[:1], 16, axis=0), clip.depth[1:], max_depth=FAR).mean())
+    for name in METRICS:
+        row = heldout.summary[name]
+        ours = [s["model"][name] for s in heldout.scenes]
+        assert row["model"]["mean"] == pytest.approx(np.mean(ours))
+        assert row["model"]["std"] == pytest.approx(np.std(ours))
+        assert row["scenes"] == 2 and 0 <= row["model_wins"] <= 2
+    assert len(heldout.summary["per_frame_mean"]["model_psnr"]) == 16
+
+
+def test_heldout_markdown_has_one_row_per_metric(heldout):
+    table = heldout_markdown(heldout)
+    rows = [line for line in table.splitlines() if line.endswith("scenes |")]
+    assert len(rows) == len(METRICS)
+    assert "2 scenes" in table and "model `tiny`" in table
+    psnr = heldout.summary["psnr"]["model"]
+    assert f"{psnr['mean']:.3f} ± {psnr['std']:.3f}" in rows[0]
+
+
+def test_long_evaluation_command_writes_table_plot_and_preview(tmp_path):
+    out = tmp_path / "drift"
+    written = main(["--model", "tiny", "--long", "--scenes", "1", "--frames", "33", "--steps", "1",
+                    "--out", str(out)])
+    names = sorted(path.name for path in written)
+    assert names == ["drift.gif", "drift.json", "drift.md", "drift.png", "drift_sheet.png"]
+    data = json.loads(out.with_suffix(".json").read_text(),
+                      parse_constant=lambda token: pytest.fail(f"non-standard JSON {token}"))
+    assert data["config"]["frames"] == 33 and data["model"]["name"] == "tiny"
+    chunks = data["summary"]["per_chunk"]
+    assert [(c["start"], c["stop"]) for c in chunks] == [(0, 16), (16, 32)]
+    scene = data["scenes"][0]
+    assert scene["seed"] == HELDOUT_SEED_BASE and scene["actions_match_command"] is True
+    assert chunks[1]["psnr"]["mean"] == pytest.approx(scene["chunks"][1]["psnr"])
+    assert iio.imread(out.with_suffix(".png")).shape[-1] in (3, 4)
+    assert iio.imread(out.with_suffix(".gif"), index=None).shape[0] == 33
+    assert out.with_suffix(".md").read_text().count("\n| ") == 3  # header + two chunks
