@@ -68,11 +68,13 @@ def default_methods() -> list[Method]:
 
 
 def steps_methods(flops_ratios: dict[str, float], steps: int) -> list[Method]:
-    """Full compute at ``round(steps * ratio)`` steps for every distinct cost ratio measured."""
+    """Full compute at ``round(steps * ratio)`` steps for every distinct cost ratio measured
+    (methods that save less than half a step are matched by full compute itself)."""
     by_steps: dict[int, list[str]] = {}
     for name, ratio in flops_ratios.items():
-        matched = min(steps - 1, max(1, round(steps * ratio)))
-        by_steps.setdefault(matched, []).append(name)
+        matched = max(1, round(steps * ratio))
+        if matched < steps:
+            by_steps.setdefault(matched, []).append(name)
     return [Method(f"steps-{n}", "steps", steps=n, matches=tuple(names))
             for n, names in sorted(by_steps.items(), reverse=True)]
 

@@ -80,7 +80,10 @@ def job_requests(config: JobConfig) -> list[RolloutRequest]:
 
 
 def time_plain_loop(config: JobConfig, requests: list[RolloutRequest]) -> dict[str, Any]:
-    """The same model and accelerator on the same requests, batch by batch, nothing else."""
+    """The same model and accelerator on the same requests, batch by batch, nothing else, with
+    as many torch threads as a generate actor gets (Ray sets OMP_NUM_THREADS to its num_cpus)."""
+    threads = max(1, int(config.generate.num_cpus))
+    torch.set_num_threads(threads)
     model = load_model(config.model.name, **config.model.options)
     accelerator = apply_accelerator(model.transformer, config.accel.name, **config.accel.options)
     batch = config.generate.batch_size
@@ -89,7 +92,7 @@ def time_plain_loop(config: JobConfig, requests: list[RolloutRequest]) -> dict[s
         model.generate(requests[start: start + batch])
     seconds = time.perf_counter() - started
     accelerator.remove()
-    return {"model_s": seconds, "rollouts": len(requests), "batch_size": batch}
+    return {"model_s": seconds, "rollouts": len(requests), "batch_size": batch, "threads": threads}
 
 
 def overhead(job: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
@@ -108,7 +111,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = ["# Pipeline overhead", "", f"Command: `{result['command']}`", "",
              f"Embedded job: {job['rollouts']} rollouts ({job['frames']} frames), "
              f"{job['actors']} actor(s), batch size {job['batch_size']}, model `{result['model']}`, "
-             f"accelerator `{result['accel']}`; {os.cpu_count()} CPUs, {result['threads']} torch threads.",
+             f"accelerator `{result['accel']}`; {os.cpu_count()} CPUs, {plain['threads']} torch "
+             "thread(s) in the plain loop as in each actor.",
              "", "| figure | seconds |", "|---|---|",
              f"| job wall clock (`jobs/generate.py`, in process) | {job['wall_s']:.1f} |",
              f"| plain loop: `model.generate` on the same requests | {plain['model_s']:.1f} |",
@@ -138,13 +142,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default="1,2", help="comma-separated batch sizes to sweep")
     parser.add_argument("--job-args", default="", help="extra jobs/generate.py options for every run "
                                                        "(e.g. '--limit 4 --accel hero')")
-    parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     extra = shlex.split(args.job_args)
     with tempfile.TemporaryDirectory(prefix="hero-bench-pipeline-") as tmp:
         workdir = Path(tmp)
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 log.info("sweep: %d actor(s), batch size %d", actors, batch)
                 sweep.append(time_job(config))
     result = {"command": "python -m bench.pipeline " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-              "model": embedded.model.name, "accel": embedded.accel.name, "threads": args.threads,
+              "model": embedded.model.name, "accel": embedded.accel.name,
               "embedded": job, "plain": plain, "overhead": overhead(job, plain), "sweep": sweep}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pipeline.json").write_text(json.dumps(result, indent=1) + "\n")

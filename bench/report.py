@@ -57,7 +57,8 @@ def verdicts(result: dict[str, Any]) -> dict[str, str]:
     heroes = [n for n, row in toy.items() if row["family"] == "hero" and n in speed]
     out = {}
     for name, row in toy.items():
-        if row["family"] in ("hero", "full") or name not in speed or "quality" not in row:
+        if row["family"] in ("hero", "full") or "quality" not in row \
+                or wall_speedup(name, speed, toy) is None:
             continue
         mine = _point(name, speed, toy)
         better = [h for h in heroes if _point(h, speed, toy)["wall"] >= mine["wall"]
@@ -84,11 +85,21 @@ def verdicts(result: dict[str, Any]) -> dict[str, str]:
 
 
 def _point(name: str, speed: dict[str, Any], toy: dict[str, Any]) -> dict[str, float]:
-    """Wall-clock speedup (Aether-shaped; FLOPs there when untimed), toyworld FLOPs speedup and PSNR."""
-    shaped = speed[name]
-    return {"wall": shaped["speedup"] if shaped["speedup"] is not None else shaped["flops_speedup"],
-            "flops": toy[name]["flops_speedup"],
+    """Speed and quality of a method: wall-clock speedup on the Aether-shaped transformer (its
+    FLOPs reduction when untimed), FLOPs reduction and PSNR against full compute on toyworld."""
+    return {"wall": wall_speedup(name, speed, toy), "flops": toy[name]["flops_speedup"],
             "psnr": _finite(toy[name]["quality"]["vs_full"]["psnr"], math.inf)}
+
+
+def wall_speedup(name: str, speed: dict[str, Any], toy: dict[str, Any]) -> float | None:
+    """Aether-shaped wall-clock speedup; for fewer-steps rows, whose step counts are per workload,
+    toyworld's step ratio (a loop of n steps costs n/S of S steps on any model)."""
+    if toy[name]["family"] == "steps":
+        return toy[name]["flops_speedup"]
+    shaped = speed.get(name)
+    if shaped is None:
+        return None
+    return shaped["speedup"] if shaped["speedup"] is not None else shaped["flops_speedup"]
 
 
 def _finite(value: float | None, default: float) -> float:
@@ -170,11 +181,13 @@ def summary_table(result: dict[str, Any]) -> list[str]:
              "truth (dB) | cache (MiB, Aether-shaped) | compared with HERO |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, row in toy.items():
-        shaped = speed.get(name, {})
+        shaped = speed.get(name, {}) if row["family"] != "steps" else {}
         quality = row.get("quality", {})
         vs_full = quality.get("vs_full", {})
+        wall = _x(shaped.get("speedup")) if row["family"] != "steps" else \
+            f"{_x(row['flops_speedup'])} (step ratio)"
         lines.append(
-            f"| {name} | {_x(shaped.get('speedup'))} | {_x(shaped.get('flops_speedup'))} / "
+            f"| {name} | {wall} | {_x(shaped.get('flops_speedup'))} / "
             f"{_x(row['flops_speedup'])} | {_psnr(vs_full)} | {_num(vs_full.get('ssim'), 4)} | "
             f"{_num(vs_full.get('abs_rel'), 4)} | {_num(quality.get('psnr_drop_vs_truth'))} | "
             f"{_num(_mib(shaped.get('cache_bytes')), 1)} | {result['verdicts'].get(name, '')} |")
@@ -260,9 +273,8 @@ def pareto_plot(result: dict[str, Any], path: Path) -> Path:
     ceiling = (max(finite) if finite else 40.0) + 3.0
     psnr = {n: min(_finite(toy[n]["quality"]["vs_full"]["psnr"], ceiling), ceiling) for n in names}
     panels = [("FLOPs reduction on toyworld (x)", {n: toy[n]["flops_speedup"] for n in names}),
-              ("wall-clock speedup, Aether-shaped (x)",
-               {n: speed[n]["speedup"] if speed.get(n, {}).get("speedup") is not None
-                else speed.get(n, {}).get("flops_speedup") for n in names})]
+              ("wall-clock speedup, Aether-shaped (x; fewer steps: step ratio)",
+               {n: wall_speedup(n, speed, toy) for n in names})]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), dpi=120)
     for ax, (label, xs) in zip(axes, panels):
         points = [(xs[n], psnr[n], n) for n in names if xs[n] is not None]

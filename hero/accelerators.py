@@ -271,7 +271,8 @@ class _MagCacheAccelerator(_DiffusersCacheAccelerator):
 
     def _finish_calibration(self) -> None:
         """Once a whole generation was recorded: keep its ratios and switch to MagCache."""
-        recorded = [state.ratios for state in self.ratio_state._state_cache.values() if state.ratios]
+        recorded = [state.ratios for state in self.ratio_state._state_cache.values()
+                    if state.ratios]
         if not recorded or len(recorded[0]) < (self.tracker.num_steps or 2):
             return
         self._disable()
@@ -393,8 +394,7 @@ _MAGCACHE = dict(threshold=0.06, max_skip_steps=3, retention_ratio=0.2, num_infe
                  mag_ratios=None, calibration_path=None)
 
 ACCELERATORS: dict[str, AcceleratorSpec] = {
-    "none": AcceleratorSpec("the model as it is", {},
-                            lambda name, transformer, options: Accelerator(name, transformer, options)),
+    "none": AcceleratorSpec("the model as it is", {}, Accelerator),
     "hero": AcceleratorSpec("HERO, default preset: every other step PARTIAL, rho 0.25",
                             {}, _hero("default"), _HERO_OPTIONS),
     "hero-fast": AcceleratorSpec("HERO, fast preset: two PARTIAL steps per FULL step",
@@ -438,7 +438,7 @@ def register_accelerator(name: str, spec: AcceleratorSpec) -> None:
 
 
 def apply_accelerator(transformer: nn.Module, name: str, **options: Any) -> Accelerator:
-    """Apply the accelerator registered as ``name`` with its preset options, overridden by ``options``."""
+    """Apply the accelerator registered as ``name`` (preset options, overridden by ``options``)."""
     if name not in ACCELERATORS:
         raise ValueError(f"accel: unknown accelerator {name!r}; choose from {sorted(ACCELERATORS)}")
     spec = ACCELERATORS[name]

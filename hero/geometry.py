@@ -113,7 +113,7 @@ def raymap_to_poses(
         dirs = raymap[t, :3].reshape(3, -1).T
         m_t, *_ = np.linalg.lstsq(pixels, dirs, rcond=None)  # dirs = pixels @ M^T
         m = m_t.T
-        k_inv = np.linalg.cholesky(m.T @ m).T
+        k_inv = np.linalg.cholesky(m.T @ m + 1e-9 * np.eye(3)).T  # jitter: a degenerate map stays finite
         k = np.linalg.inv(k_inv)
         ks[t] = k / k[2, 2]
         uu, _, vt = np.linalg.svd(m @ k)

@@ -26,6 +26,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+HEAD_START_ATTEMPTS = 4
 AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-never-logged",
                 "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -95,14 +96,19 @@ def _start_head(env: dict[str, str], token: str) -> RayHead:
 
 
 def _stop_head(head: RayHead) -> None:
-    """Stop the `ray start --block` we started (it takes its node's processes down with it)."""
+    """Stop the `ray start --block` we started and every process of its session (its own process
+    group, so nothing else on the machine is touched)."""
     if head.process.poll() is None:
         head.process.send_signal(signal.SIGTERM)
         try:
             head.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(head.process.pid, signal.SIGKILL)
-            head.process.wait()
+            pass
+    try:
+        os.killpg(head.process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    head.process.wait()
     shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
@@ -110,17 +116,18 @@ def _stop_head(head: RayHead) -> None:
 def ray_head() -> RayHead:
     """One Ray head for the session: 4 logical CPUs, token auth set explicitly, private temp dir
     (so no other `ray.init()` on this machine finds it), every port chosen free on 127.0.0.1.
-    Ray gives a starting raylet 30 s to register; on a loaded machine the start is retried."""
+    A starting raylet gives its Python agents 15 s to report their ports and aborts otherwise,
+    which happens on a loaded two-core machine; the start is then retried."""
     token = secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(AWS_TEST_ENV, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    for attempt in range(3):
+    for attempt in range(HEAD_START_ATTEMPTS):
         try:
             head = _start_head(env, token)
             break
         except RuntimeError:
-            if attempt == 2:
+            if attempt == HEAD_START_ATTEMPTS - 1:
                 raise
     try:
         yield head

@@ -10,7 +10,8 @@ from torch import nn
 from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
-from hero.cache import HeroConfig, StepMode, apply_hero, hero_stats, remove_hero, reset_hero, schedule
+from hero.cache import (HeroConfig, StepMode, apply_hero, hero_stats, remove_hero, reset_hero,
+                        schedule)
 from hero.cache.hooks import root_hook
 from hero.cache.tiny import TinyVideoModel, tiny_cogvideox, tiny_wan
 
@@ -92,7 +93,8 @@ def test_cached_kv_reuses_stale_keys(family):
     model, inputs, text, _ = family
     outputs = {}
     for kv_mode in ("recompute_kv", "cached_kv"):
-        apply_hero(model.transformer, HeroConfig(split=len(root_free_blocks(model)), kv_mode=kv_mode))
+        config = HeroConfig(split=len(root_free_blocks(model)), kv_mode=kv_mode)
+        apply_hero(model.transformer, config)
         try:
             outputs[kv_mode] = run(model, inputs, text)
         finally:
@@ -128,7 +130,7 @@ class AffineBlock(nn.Module):
 def test_extrapolation_is_exact_when_the_deep_residual_is_linear_in_the_step(power, exact):
     model = tiny_cogvideox(num_layers=3)
     dim = model.transformer.config.num_attention_heads * model.transformer.config.attention_head_dim
-    model.transformer.transformer_blocks = nn.ModuleList(AffineBlock(dim, seed) for seed in range(3))
+    model.transformer.transformer_blocks = nn.ModuleList(AffineBlock(dim, s) for s in range(3))
     start, direction = model.latents(1, 0), model.latents(1, 1)
     inputs = [start + direction * (step / 10) ** power for step in range(10)]
     text = model.text(1)
@@ -307,7 +309,8 @@ def test_default_preset_executes_at_most_58_percent_of_full_flops_at_42_blocks()
     full, partial = per_step[0], per_step[2]
     assert per_step[1] == per_step[3] == full == unhooked
     modes = schedule(50, config)
-    ratio = (modes.count(StepMode.FULL) * full + modes.count(StepMode.PARTIAL) * partial) / (50 * full)
+    executed = modes.count(StepMode.FULL) * full + modes.count(StepMode.PARTIAL) * partial
+    ratio = executed / (50 * full)
     assert 0.5 < ratio <= 0.58, ratio
     assert stats["flops_ratio"] == pytest.approx((3 * full + partial) / (4 * full))
     json.dumps(stats)

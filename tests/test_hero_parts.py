@@ -1,4 +1,4 @@
-"""HERO's parts on their own: config, schedule, patch-wise refresh, extrapolation, attention, probe."""
+"""HERO's parts one by one: config, schedule, refresh, extrapolation, attention, probe."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_config_rejects_bad_fields_by_name(field, value, message):
         HeroConfig(**{field: value})
 
 
-@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn installed")
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None,
+                    reason="flash-attn is installed")
 def test_flash_backend_needs_flash_attn():
     with pytest.raises(ValueError, match="flash-attn"):
         HeroConfig(attention_backend="flash")
@@ -90,7 +91,7 @@ def test_patch_sampling_takes_the_same_count_from_every_patch_and_rotates():
             assert sorted(patch_of[row].tolist()) == list(range(12))
         seen.scatter_add_(1, index, torch.ones_like(index, dtype=seen.dtype))
         tracker.advance(index)
-    assert torch.equal(seen, torch.ones_like(seen)), "four steps of one-in-four cover every token once"
+    assert torch.equal(seen, torch.ones_like(seen)), "four one-in-four steps cover every token once"
 
 
 def test_stalest_tokens_win_and_rate_breaks_equal_staleness():
@@ -117,7 +118,9 @@ def test_uneven_grids_keep_a_static_refresh_count():
 
 
 def test_linear_extrapolation_with_uneven_step_positions():
-    line = lambda s: (torch.full((2, 3), 1.0 + 0.5 * s), torch.full((2, 1), -2.0 * s))
+    def line(s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.full((2, 3), 1.0 + 0.5 * s), torch.full((2, 1), -2.0 * s)
+
     predicted = extrapolate_linear(7.0, 4.0, line(4.0), 1.0, line(1.0))
     for got, want in zip(predicted, line(7.0)):
         torch.testing.assert_close(got, want)

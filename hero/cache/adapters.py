@@ -23,7 +23,7 @@ KeyValue = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class BlockInputs:
-    """One block call: video tokens (B, N, C), condition tokens, timestep embedding, rotary embedding."""
+    """One block call: video tokens (B, N, C), condition tokens, timestep and rotary embeddings."""
 
     hidden: torch.Tensor
     encoder: torch.Tensor | None
@@ -86,6 +86,9 @@ class BlockAdapter:
 
     def pack_output(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
         return (hidden, encoder) if self.returns_encoder else hidden
+
+    def attention_heads(self, block: nn.Module) -> int:
+        return int(block.attn1.heads)
 
     def partial_forward(self, block: nn.Module, inputs: BlockInputs, index: torch.Tensor,
                         key_value: KeyValue | None, backend: str) -> PartialOutput:
@@ -155,12 +158,14 @@ class CogVideoXAdapter(BlockAdapter):
             key = attn.norm_k(key)
         if inputs.rope is not None:
             cos, sin = inputs.rope
-            cos_sub, sin_sub = gather_tokens(cos.expand(x.shape[0], -1, -1), index)[:, :, None], \
-                gather_tokens(sin.expand(x.shape[0], -1, -1), index)[:, :, None]
-            query = torch.cat([query[:, :text], _rotate_interleaved(query[:, text:], cos_sub, sin_sub)], 1)
+            cos_sub = gather_tokens(cos.expand(x.shape[0], -1, -1), index)[:, :, None]
+            sin_sub = gather_tokens(sin.expand(x.shape[0], -1, -1), index)[:, :, None]
+            query_video = _rotate_interleaved(query[:, text:], cos_sub, sin_sub)
+            query = torch.cat([query[:, :text], query_video], dim=1)
             key_cos, key_sin = (cos[None, :, None], sin[None, :, None]) if key_value is None \
                 else (cos_sub, sin_sub)
-            key = torch.cat([key[:, :text], _rotate_interleaved(key[:, text:], key_cos, key_sin)], 1)
+            key_video = _rotate_interleaved(key[:, text:], key_cos, key_sin)
+            key = torch.cat([key[:, :text], key_video], dim=1)
         new_key_value = None
         if key_value is not None:
             new_key_value = (scatter_tokens(key_value[0], index, key[:, text:]),
@@ -211,7 +216,8 @@ class WanAdapter(BlockAdapter):
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The six shift/scale/gate terms for all tokens and for the refreshed ones."""
         if temb.ndim == 4:
-            terms = [t.squeeze(2) for t in (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)]
+            table = block.scale_shift_table.unsqueeze(0) + temb.float()
+            terms = [t.squeeze(2) for t in table.chunk(6, dim=2)]
             return terms, [gather_tokens(t, index) for t in terms]
         terms = list((block.scale_shift_table + temb.float()).chunk(6, dim=1))
         return terms, terms
@@ -240,7 +246,7 @@ class WanAdapter(BlockAdapter):
             cos_sub = gather_tokens(cos.expand(x.shape[0], -1, -1, -1), index)
             sin_sub = gather_tokens(sin.expand(x.shape[0], -1, -1, -1), index)
             query = _wan_rotate(query, cos_sub, sin_sub)
-            key = _wan_rotate(key, cos, sin) if key_value is None else _wan_rotate(key, cos_sub, sin_sub)
+            key = _wan_rotate(key, *((cos, sin) if key_value is None else (cos_sub, sin_sub)))
         new_key_value = None
         if key_value is not None:
             new_key_value = (scatter_tokens(key_value[0], index, key),

@@ -18,23 +18,24 @@ KV_MODES = ("recompute_kv", "cached_kv")
 class HeroConfig:
     """How HERO accelerates a diffusion transformer (DESIGN §3).
 
-    Schedule: step ``s`` of ``S`` is FULL when ``s < warmup_steps``, when ``s >= S - final_full_steps``,
-    or when ``(s - warmup_steps) % interval == interval - 1``; otherwise it is PARTIAL. ``interval=1``
-    makes every step FULL (HERO then changes nothing).
+    Schedule: step ``s`` of ``S`` is FULL when ``s < warmup_steps``, when
+    ``s >= S - final_full_steps``, or when ``(s - warmup_steps) % interval == interval - 1``;
+    otherwise it is PARTIAL. ``interval=1`` makes every step FULL (HERO then changes nothing).
 
     Shallow blocks ``[0, k)`` refresh a fraction ``rho`` of the video tokens on PARTIAL steps: the
     T×H×W token grid is cut into ``patch_size`` patches and every patch refreshes
     ``rho * prod(patch_size)`` tokens (which must be a whole number), stalest first; with
     ``rate_weight > 0`` tokens whose cached residual changes fast are preferred too. Deep blocks
-    ``[k, L)`` are skipped on PARTIAL steps and their residual is extrapolated linearly from the last
-    two FULL steps.
+    ``[k, L)`` are skipped on PARTIAL steps and their residual is extrapolated linearly from the
+    last two FULL steps.
 
-    ``split`` is ``k``: an int, ``"auto"`` (read from the probe's ``calibration_path`` JSON), or None
-    (``round(L * shallow_fraction)``). ``kv_mode`` says where the keys/values of a partial shallow
-    block come from: ``"recompute_kv"`` projects all tokens of the block input (exact attention for
-    the refreshed queries); ``"cached_kv"`` recomputes keys/values of the refreshed tokens only and
-    reuses the cached ones of the rest (cheaper, staler). ``attention_backend`` is the kernel of the
-    partial-step attention: ``"sdpa"`` (torch) or ``"flash"`` (flash-attn, CUDA half precision).
+    ``split`` is ``k``: an int, ``"auto"`` (read from the probe's ``calibration_path`` JSON), or
+    None (``round(L * shallow_fraction)``). ``kv_mode`` says where the keys/values of a partial
+    shallow block come from: ``"recompute_kv"`` projects all tokens of the block input (exact
+    attention for the refreshed queries); ``"cached_kv"`` recomputes keys/values of the refreshed
+    tokens only and reuses the cached ones of the rest (cheaper, staler). ``attention_backend`` is
+    the kernel of the partial-step attention: ``"sdpa"`` (torch) or ``"flash"`` (flash-attn, CUDA,
+    half precision).
     ``num_inference_steps`` is used only when the pipeline's ``cache_context`` does not carry it.
     ``count_flops`` counts, with torch's FLOP counter, the first FULL and first PARTIAL call of each
     input shape; ``compile`` runs the block computations through ``torch.compile`` with
@@ -63,7 +64,8 @@ class HeroConfig:
         self.patch_size = tuple(int(p) for p in self.patch_size)
         _check(self.warmup_steps >= 1, "warmup_steps", self.warmup_steps,
                "must be >= 1: step 0 fills the caches")
-        _check(self.final_full_steps >= 0, "final_full_steps", self.final_full_steps, "must be >= 0")
+        _check(self.final_full_steps >= 0, "final_full_steps", self.final_full_steps,
+               "must be >= 0")
         _check(self.interval >= 1, "interval", self.interval, "must be >= 1")
         _check(0.0 < self.rho <= 1.0, "rho", self.rho, "must be in (0, 1]")
         _check(len(self.patch_size) == 3 and min(self.patch_size) >= 1, "patch_size",
@@ -110,7 +112,8 @@ class HeroConfig:
         else:
             split = int(self.split)
         if not 0 <= split <= num_layers:
-            raise ValueError(f"HeroConfig.split={split} is outside [0, {num_layers}] for this model")
+            raise ValueError(f"HeroConfig.split={split} is outside [0, {num_layers}] for this "
+                             "model")
         return split
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,18 +124,19 @@ class HeroConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> HeroConfig:
-        """A named preset (``"default"``, ``"fast"``, ``"quality"``) with optional field overrides."""
+        """A named preset (``"default"``, ``"fast"``, ``"quality"``), fields overridable."""
         if name not in PRESETS:
             raise ValueError(f"unknown HERO preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], "preset_name": name, **overrides})
 
 
+# FLOP ratios: Aether's shape, 50 steps (`python -m hero.cache.measure flops`)
 PRESETS: dict[str, dict[str, Any]] = {
-    # every other step PARTIAL, a quarter of the shallow tokens refreshed: ~0.57 of full FLOPs
+    # every other step PARTIAL, a quarter of the shallow tokens refreshed: 0.574 of full FLOPs
     "default": dict(warmup_steps=2, final_full_steps=1, interval=2, rho=0.25, patch_size=(1, 2, 2)),
-    # two PARTIAL steps per FULL step: ~0.42 of full FLOPs
+    # two PARTIAL steps per FULL step: 0.431 of full FLOPs
     "fast": dict(warmup_steps=2, final_full_steps=1, interval=3, rho=0.25, patch_size=(1, 2, 2)),
-    # longer warm-up and tail, half the shallow tokens refreshed: ~0.66 of full FLOPs
+    # longer warm-up and tail, half the shallow tokens refreshed: 0.643 of full FLOPs
     "quality": dict(warmup_steps=4, final_full_steps=2, interval=2, rho=0.5, patch_size=(1, 2, 2)),
 }
 

@@ -1,7 +1,8 @@
 """Linear extrapolation of the deep stack's residual from the last two FULL steps.
 
-With ``a`` the last FULL step and ``b`` the one before, ``D(s) = D(a) + (s - a) (D(a) - D(b)) / (a - b)``;
-for equally spaced steps this is ``f(t+1) = 2 f(t) - f(t-1)``. With only one FULL step seen the
+With ``a`` the last FULL step and ``b`` the one before,
+``D(s) = D(a) + (s - a) (D(a) - D(b)) / (a - b)``; for equally spaced steps this is
+``f(t+1) = 2 f(t) - f(t-1)``. With only one FULL step seen the
 residual is held (zeroth order).
 """
 
@@ -14,9 +15,10 @@ Residuals = tuple[torch.Tensor, ...]
 
 def extrapolate_linear(position: float, a: float, d_a: Residuals, b: float, d_b: Residuals
                        ) -> Residuals:
-    """Residuals at ``position`` on the line through ``(b, d_b)`` and ``(a, d_a)`` (float32 math)."""
+    """Residuals at ``position`` on the line through ``(b, d_b)`` and ``(a, d_a)`` (in float32)."""
     weight = (position - a) / (a - b)
-    return tuple((x.float() + weight * (x.float() - y.float())).to(x.dtype) for x, y in zip(d_a, d_b))
+    return tuple((x.float() + weight * (x.float() - y.float())).to(x.dtype)
+                 for x, y in zip(d_a, d_b, strict=True))
 
 
 class ResidualHistory:

@@ -105,7 +105,7 @@ def _partial_block(adapter: BlockAdapter, block: nn.Module, inputs: BlockInputs,
                    index: torch.Tensor, residual: torch.Tensor, key_value: KeyValue | None,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
                                           KeyValue | None, torch.Tensor, torch.Tensor]:
-    """One shallow block on a PARTIAL step: refreshed tokens recomputed, the rest reuse ``residual``.
+    """A shallow block on a PARTIAL step: refreshed tokens recomputed, others reuse ``residual``.
 
     Returns the block's video output, condition output, updated residual cache, updated key/value
     cache, and the refreshed tokens' old and new residuals (for rate-of-change tracking).
@@ -235,10 +235,10 @@ class HeroShallowBlockHook(ModelHook):
 
     def _full_with_key_values(self, module: nn.Module, state: HeroState, inputs: BlockInputs,
                               partial_block: Any) -> Any:
-        """A FULL step in ``cached_kv`` mode: HERO's own block over all tokens, keeping keys/values."""
+        """A FULL step in ``cached_kv`` mode: HERO's block over all tokens, keeping keys/values."""
         x = inputs.hidden
         everything = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-        heads = _attention_heads(module)
+        heads = self.runtime.adapter.attention_heads(module)
         empty = x.new_zeros(*x.shape[:2], heads, x.shape[2] // heads)
         zero_residual = torch.zeros_like(x)
         hidden, encoder, residual, key_value, _, _ = partial_block(
@@ -288,10 +288,6 @@ class HeroDeepBlockHook(ModelHook):
         return adapter.pack_output(hidden, encoder)
 
 
-def _attention_heads(block: nn.Module) -> int:
-    return int(block.attn1.heads)
-
-
 def _signature(grid: tuple[int, int, int], inputs: dict[str, Any]) -> tuple:
     """What must stay the same for cached tensors to be reusable: grid and every input's shape."""
     shapes = tuple((name, tuple(value.shape), str(value.dtype), str(value.device))
@@ -301,7 +297,7 @@ def _signature(grid: tuple[int, int, int], inputs: dict[str, Any]) -> tuple:
 
 def _position(context: CacheContext, state: HeroState, config: HeroConfig, signature: tuple
               ) -> tuple[int, int]:
-    """(step index, step count) from the cache context, or counted per context when it lacks them."""
+    """(step index, step count) from the cache context; steps are counted when it lacks them."""
     num_steps = context.num_inference_steps or config.num_inference_steps
     if num_steps is None:
         raise ValueError(f"HERO needs the step count: call the transformer under cache_context("

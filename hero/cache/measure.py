@@ -46,7 +46,8 @@ def flop_ratios(num_steps: int = 50, latent_frames: int = 11, batch: int = 2,
         model = CogVideoXTransformer3DModel(**AETHER_TRANSFORMER).to(torch.bfloat16)
     height, width = AETHER_TRANSFORMER["sample_height"], AETHER_TRANSFORMER["sample_width"]
     tokens = latent_frames * (height // 2) * (width // 2)
-    latents = torch.empty(batch, latent_frames, 96, height, width, device="meta", dtype=torch.bfloat16)
+    latents = torch.empty(batch, latent_frames, 96, height, width, device="meta",
+                          dtype=torch.bfloat16)
     text = torch.empty(batch, 226, 4096, device="meta", dtype=torch.bfloat16)
     rotary = (torch.empty(tokens, 64, device="meta"), torch.empty(tokens, 64, device="meta"))
     results = {}
@@ -71,14 +72,15 @@ def flop_ratios(num_steps: int = 50, latent_frames: int = 11, batch: int = 2,
             remove_hero(model)
         full, partial = counted[StepMode.FULL], counted[StepMode.PARTIAL]
         n_full, n_partial = modes.count(StepMode.FULL), modes.count(StepMode.PARTIAL)
-        results[preset] = {"flops_ratio": (n_full * full + n_partial * partial) / (num_steps * full),
-                           "partial_call_ratio": partial / full, "full_steps": n_full,
-                           "partial_steps": n_partial, "cache_gib": cache_bytes / 2**30}
+        ratio = (n_full * full + n_partial * partial) / (num_steps * full)
+        results[preset] = {"flops_ratio": ratio, "partial_call_ratio": partial / full,
+                           "full_steps": n_full, "partial_steps": n_partial,
+                           "cache_gib": cache_bytes / 2**30}
     return results
 
 
 def psnr(reference: np.ndarray, other: np.ndarray, peak: float | None = None) -> float:
-    """Peak signal-to-noise ratio of ``other`` against ``reference`` (peak: the reference's range)."""
+    """PSNR of ``other`` against ``reference``; ``peak`` defaults to the reference's range."""
     reference, other = np.asarray(reference, np.float64), np.asarray(other, np.float64)
     peak = float(reference.max() - reference.min()) if peak is None else peak
     mse = float(np.mean((reference - other) ** 2))
@@ -94,25 +96,39 @@ def _timed(function: Any, repeats: int) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
+VARIANTS: dict[str, HeroConfig] = {
+    **{name: HeroConfig.preset(name) for name in PRESETS},
+    "default+cached_kv": HeroConfig.preset("default", kv_mode="cached_kv"),
+    "default+rate": HeroConfig.preset("default", rate_weight=1.0),
+}
+
+
 def tiny_quality(num_steps: int = 30, repeats: int = 3, num_layers: int = 12,
-                 presets: tuple[str, ...] = tuple(PRESETS)) -> dict[str, dict[str, Any]]:
+                 variants: dict[str, HeroConfig] | None = None) -> dict[str, dict[str, Any]]:
     """Wall-clock ratio and latent PSNR versus full sampling on a toyworld-sized random CogVideoX
-    (12 blocks, width 128, 5x6x8 video tokens), batched CFG, one CPU thread."""
+    (12 blocks, width 128, 5x6x8 video tokens), batched CFG, one CPU thread. ``variants`` maps a
+    label to a config (default: the presets plus the ``cached_kv`` and rate-tracking options)."""
     model = tiny_cogvideox(num_layers=num_layers, heads=4, head_dim=32, frames=5, height=12,
                            width=16, text_tokens=8, channels=16)
-    run = lambda: sample(model, num_steps, cfg="batched")[0]
+    start = model.latents(1)
+
+    def run() -> torch.Tensor:
+        return sample(model, num_steps, cfg="batched", latents=start)[0]
+
     full_time, reference = _timed(run, repeats)
     results = {"none": {"seconds": full_time}}
-    for preset in presets:
-        apply_hero(model.transformer, HeroConfig.preset(preset, count_flops=True))
+    for label, config in (variants or VARIANTS).items():
+        apply_hero(model.transformer, config)
         try:
             seconds, latents = _timed(run, repeats)
             stats = hero_stats(model.transformer)
         finally:
             remove_hero(model.transformer)
-        results[preset] = {"seconds": seconds, "wall_clock_ratio": seconds / full_time,
-                           "flops_ratio": stats["flops_ratio"],
-                           "psnr_db": psnr(reference.numpy(), latents.numpy())}
+        results[label] = {"seconds": seconds, "wall_clock_ratio": seconds / full_time,
+                          "flops_ratio": stats["flops_ratio"],
+                          "psnr_db": psnr(reference.numpy(), latents.numpy()),
+                          "update_relative_error": float((latents - reference).norm()
+                                                         / (reference - start).norm())}
     return results
 
 
@@ -129,8 +145,11 @@ def model_quality(name: str = "tiny", steps: int | None = None, frames: int = 17
     image = rng.integers(0, 255, (world.height, world.width, 3), dtype=np.uint8)
     c2w = np.repeat(np.eye(4, dtype=np.float32)[None], frames, axis=0)
     c2w[:, 2, 3] = np.linspace(0, 1, frames)
-    request = lambda: [RolloutRequest(id="m", task="prediction", frames=frames, image=image,
-                                      c2w=c2w, steps=steps, seed=seed)]
+
+    def request() -> list[RolloutRequest]:
+        return [RolloutRequest(id="m", task="prediction", frames=frames, image=image, c2w=c2w,
+                               steps=steps, seed=seed)]
+
     full_time, reference = _timed(lambda: world.generate(request())[0], 1)
     results = {"none": {"seconds": full_time}}
     for accel in accelerators:

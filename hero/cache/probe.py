@@ -1,4 +1,4 @@
-"""Feature-coupling probe: how much each block's residual changes from one denoising step to the next.
+"""Feature-coupling probe: how much each block's residual changes from one step to the next.
 
 From one FULL run (no accelerator) it measures, per block ``i`` and step ``s``, the relative change
 ``|r_i(s) - r_i(s-1)| / |r_i(s-1)|`` of the block residual ``r_i = x_{i+1} - x_i`` over (a fixed
@@ -93,7 +93,8 @@ class FeatureCouplingProbe:
         return [sum(c) / len(c) if c else 0.0 for c in per_block]
 
     def per_step(self) -> list[list[float]]:
-        """Relative residual change per block (rows) and step transition (columns), first context."""
+        """Relative residual change per block (rows) and step transition (columns), first
+        context."""
         states = list(self.state._state_cache.values())
         return [states[0].changes.get(i, []) for i in range(len(self.blocks))] if states else []
 
@@ -105,7 +106,7 @@ class FeatureCouplingProbe:
 
 
 def choose_split(profile: list[float], min_shallow: int = 1, min_deep: int = 1) -> int:
-    """The split ``k`` that best cuts the profile into a variable shallow part and a stable deep part.
+    """The split ``k`` that best cuts the profile into a variable shallow and a stable deep part.
 
     Two-segment least squares on ``log(change)``: ``k`` minimises the squared deviation of each part
     from its own mean, with at least ``min_shallow`` shallow and ``min_deep`` deep blocks. When the

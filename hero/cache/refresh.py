@@ -58,7 +58,8 @@ def build_layout(grid: tuple[int, int, int], patch_size: tuple[int, int, int], p
                                 indexing="ij")
     inside = (tt < t) & (hh < h) & (ww < w)
     token = torch.where(inside, (tt * h + hh) * w + ww, torch.full_like(tt, num_tokens))
-    members = token.reshape(nt, pt, nh, ph, nw, pw).permute(0, 2, 4, 1, 3, 5).reshape(-1, pt * ph * pw)
+    members = token.reshape(nt, pt, nh, ph, nw, pw).permute(0, 2, 4, 1, 3, 5)
+    members = members.reshape(-1, pt * ph * pw)
     real_per_patch = (members < num_tokens).sum(dim=1)
     per_patch = min(per_patch, pt * ph * pw)
     slots = torch.arange(per_patch).expand(members.shape[0], per_patch)
@@ -99,7 +100,7 @@ class RefreshTracker:
         return chosen.sort(dim=1).values
 
     def advance(self, refreshed: torch.Tensor | None) -> None:
-        """End a step: every token ages one step, the ``refreshed`` ones (None: all) restart at 0."""
+        """End a step: every token ages a step, the ``refreshed`` ones (None: all) restart at 0."""
         if refreshed is None:
             self.staleness.zero_()
             return
@@ -110,12 +111,13 @@ class RefreshTracker:
                        new: torch.Tensor) -> None:
         """Update the per-token rate of change from a cached residual ``old`` and its new value.
 
-        ``old``/``new`` are (batch, tokens, channels) for ``refreshed`` (None: all tokens); the rate is
-        the relative change per step of staleness, smoothed with ``rate_momentum``.
+        ``old``/``new`` are (batch, tokens, channels) for ``refreshed`` (None: all tokens); the rate
+        is the relative change per step of staleness, smoothed with ``rate_momentum``.
         """
         if self.rate_weight == 0:
             return
-        change = (new.float() - old.float()).norm(dim=-1) / old.float().norm(dim=-1).clamp_min(1e-12)
+        old, new = old.float(), new.float()
+        change = (new - old).norm(dim=-1) / old.norm(dim=-1).clamp_min(1e-12)
         steps = self.staleness if refreshed is None else self.staleness.gather(1, refreshed)
         change = change / (steps + 1.0)
         current = self.rate if refreshed is None else self.rate.gather(1, refreshed)

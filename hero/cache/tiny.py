@@ -74,7 +74,8 @@ def tiny_cogvideox(num_layers: int = 4, heads: int = 2, head_dim: int = 16, fram
         sample_width=width, sample_height=height, sample_frames=(frames - 1) * 4 + 1, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=text_tokens,
         use_rotary_positional_embeddings=True).eval()
-    return TinyVideoModel(transformer, "cogvideox", frames, channels, height, width, text_tokens, 16)
+    return TinyVideoModel(transformer, "cogvideox", frames, channels, height, width, text_tokens,
+                          16)
 
 
 def tiny_wan(num_layers: int = 4, heads: int = 2, head_dim: int = 12, frames: int = 2,
@@ -101,7 +102,8 @@ def sample(model: TinyVideoModel, num_steps: int, batch: int = 1, cfg: str = "no
     predictions = []
     for step in range(num_steps):
         if cfg == "batched":
-            both = model(torch.cat([x, x]), torch.cat([uncond, cond]), step, num_steps, "cond_uncond")
+            both = model(torch.cat([x, x]), torch.cat([uncond, cond]), step, num_steps,
+                         "cond_uncond")
             pred_uncond, pred = both.chunk(2)
         else:
             pred = model(x, cond, step, num_steps, "cond")

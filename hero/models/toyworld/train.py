@@ -333,6 +333,28 @@ def train(cfg: TrainConfig) -> None:
         export_stage(cfg, model)
 
 
+def plot_losses(workdir: Path, out: Path) -> None:
+    """Plot the VAE and transformer loss curves recorded in ``workdir`` to a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, stage in zip(axes, ("vae", "dit")):
+        rows = list(csv.DictReader((workdir / f"{stage}_loss.csv").open()))
+        steps = np.array([int(r["step"]) for r in rows])
+        loss = np.array([float(r["loss"]) for r in rows])
+        window = max(1, len(loss) // 30)
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(steps, loss, alpha=0.3, label="every 20 steps")
+        ax.plot(steps[window - 1:], smooth, label=f"moving mean ({window})")
+        ax.set(title={"vae": "VAE (L1 + MSE)", "dit": "transformer (v-prediction MSE)"}[stage],
+               xlabel="step", yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
@@ -349,4 +371,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    train(parse_args())
+    config = parse_args()
+    train(config)
+    plot_losses(config.workdir, config.workdir / "loss.png")

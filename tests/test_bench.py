@@ -1,0 +1,140 @@
+"""The benchmark harness (bench/) on tiny configurations: measurement helpers checked against
+independent computations, and a smoke run of ``bench.accel`` whose JSON must hold every figure."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.accel import Settings, run
+from bench.measure import PairedTimes, count_flops, hook_state_bytes
+from bench.methods import default_methods, steps_methods
+from bench.report import pareto_front, update_summary
+from bench.workloads import AetherShape
+from hero.accelerators import ACCELERATORS
+from hero.baselines import ForaConfig, apply_fora, fora_stats, remove_fora
+from hero.models.toyworld import load_tiny
+
+SMOKE_METHODS = ["hero", "pab", "magcache", "fora", "toca"]
+TINY_SHAPE = AetherShape(layers=3, heads=2, head_dim=16, latent_frames=2, latent_height=8,
+                         latent_width=8, text_tokens=4, steps=6)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    torch.set_num_threads(1)  # a shared machine stalls multi-threaded tiny ops for seconds
+    out = tmp_path_factory.mktemp("bench")
+    summary = out / "benchmarks.md"
+    summary.write_text("# Benchmarks\n\nHand-written text stays.\n")
+    settings = Settings(mode="quick", scenes=1, toyworld_model="tiny", toyworld_steps=6, rounds=2,
+                        shape=TINY_SHAPE, methods=SMOKE_METHODS, threads=1)
+    result = run(settings, out, summary, "python -m bench.accel --smoke")
+    return result, out, summary
+
+
+def test_every_registered_accelerator_is_benchmarked():
+    names = {m.name for m in default_methods()}
+    assert set(ACCELERATORS) - {"none"} <= names
+    assert {"taylorseer-o2", "fora", "toca", "duca"} <= names
+    taylor2 = next(m for m in default_methods() if m.name == "taylorseer-o2")
+    assert taylor2.options == {"max_order": 2}
+
+
+def test_cpu_attention_flops_are_counted():
+    q, k, v = (torch.randn(2, 3, 40, 8) for _ in range(3))
+    _, flops = count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
+    assert flops == 2 * (2 * 3 * 40 * 40 * 8) * 2  # QK^T and AV, 2 FLOPs per multiply-add
+    linear = torch.nn.Linear(8, 5)
+    _, flops = count_flops(lambda: linear(torch.randn(7, 8)))
+    assert flops == 2 * 7 * 8 * 5
+
+
+def test_hook_state_bytes_sees_a_baselines_cache():
+    torch.set_num_threads(1)
+    model = load_tiny()
+    condition = torch.randn(1, 5, 40, 12, 16)
+    apply_fora(model.transformer, ForaConfig(interval=2))
+    try:
+        model.denoise(condition, "prediction", 3, 1.0, [0])
+        held, reported = hook_state_bytes(model.transformer), fora_stats(model.transformer)["cache_bytes"]
+    finally:
+        remove_fora(model.transformer)
+    assert held == reported > 0
+    assert hook_state_bytes(model.transformer) == 0
+
+
+def test_paired_ratio_is_the_median_over_rounds():
+    times = PairedTimes(method=[1.0, 3.0, 2.0], full_before=[2.0, 4.0, 4.0], full_after=[2.0, 2.0, 4.0])
+    summary = times.summary()
+    assert summary["time_ratios"] == [0.5, 1.0, 0.5]
+    assert summary["time_ratio_median"] == 0.5 and summary["speedup"] == 2.0
+
+
+def test_steps_methods_group_equal_costs():
+    methods = steps_methods({"a": 0.5, "b": 0.52, "c": 0.3, "d": 0.97, "e": 0.01, "f": 0.91}, 10)
+    assert [(m.name, m.steps, m.matches) for m in methods] == [
+        ("steps-9", 9, ("f",)), ("steps-5", 5, ("a", "b")), ("steps-3", 3, ("c",)),
+        ("steps-1", 1, ("e",))]
+
+
+def test_pareto_front_keeps_undominated_points():
+    points = [(1.0, 40.0), (2.0, 30.0), (1.5, 35.0), (1.2, 20.0), (2.0, 25.0)]
+    assert pareto_front(points) == [(1.0, 40.0), (1.5, 35.0), (2.0, 30.0)]
+
+
+def test_smoke_json_has_every_method_and_sane_fields(smoke):
+    result, out, _ = smoke
+    saved = json.loads((out / "accel_quick.json").read_text())
+    assert saved["command"] == "python -m bench.accel --smoke"
+    for name, workload in saved["workloads"].items():
+        methods = workload["methods"]
+        steps_rows = [n for n, row in methods.items() if row["family"] == "steps"]
+        assert set(methods) == {"full", *SMOKE_METHODS, *steps_rows}, name
+        matched = sorted(m for n in steps_rows for m in methods[n]["matches"])
+        cheaper = sorted(m for m in SMOKE_METHODS
+                         if round(workload["steps"] * methods[m]["flops_ratio"]) < workload["steps"])
+        assert cheaper and matched == cheaper, name  # every saving method's cost matched once
+        for row in (methods[n] for n in steps_rows):
+            assert row["steps"] < workload["steps"]
+            assert row["flops_ratio"] == pytest.approx(row["steps"] / workload["steps"], rel=0.02)
+        full = methods["full"]
+        assert full["flops_ratio"] == 1.0 and full["latent_rel_err"] == 0.0 and full["cache_bytes"] == 0
+        for method, row in methods.items():
+            assert row["flops"] > 0 and 0 < row["flops_ratio"] <= 1.0, (name, method)
+            timing = row["timing"] if method != "full" else None
+            if method != "full":
+                assert len(timing["time_ratios"]) == 2 and timing["speedup"] > 0, (name, method)
+                assert math.isclose(timing["speedup"], 1 / timing["time_ratio_median"])
+        assert methods["hero"]["flops_ratio"] < 1.0 and methods["hero"]["latent_rel_err"] > 0
+        assert methods["fora"]["cache_bytes"] > 0 and methods["hero"]["stats"]["split"] >= 0
+        assert methods["magcache"]["calibration"]["mag_ratios"], name
+        assert workload["coupling"]["profile"] and 0 <= workload["coupling"]["split"] <= \
+            len(workload["coupling"]["profile"])
+    toy = saved["workloads"]["toyworld"]["methods"]
+    assert toy["full"]["quality"]["vs_full"]["psnr"] is None  # identical frames: PSNR = inf
+    assert toy["full"]["quality"]["vs_full"]["identical_frames"] == 16
+    assert toy["full"]["quality"]["psnr_drop_vs_truth"] == 0.0
+    hero = toy["hero"]["quality"]
+    assert 0 < hero["vs_full"]["psnr"] < 200 and 0 < hero["vs_full"]["ssim"] <= 1
+    assert set(hero["vs_truth"]) >= {"psnr", "ssim", "abs_rel", "rot_err_deg", "trans_err"}
+    assert "quality" not in saved["workloads"]["aether-shaped"]["methods"]["hero"]
+    assert len(saved["claims"]) == 4 and all(c["met"] in (True, False) for c in saved["claims"])
+    assert set(saved["verdicts"]) >= {"pab", "magcache", "fora", "toca"}
+
+
+def test_smoke_writes_tables_plots_and_summary(smoke):
+    result, out, summary = smoke
+    for name in ("accel_quick.md", "accel_quick_pareto.png", "accel_quick_coupling_toyworld.png",
+                 "accel_quick_coupling_aether-shaped.png"):
+        assert (out / name).stat().st_size > 0, name
+    table = (out / "accel_quick.md").read_text()
+    assert all(f"| {name} |" in table for name in ["full", *SMOKE_METHODS])
+    text = summary.read_text()
+    assert text.startswith("# Benchmarks\n\nHand-written text stays.\n")
+    assert text.count("<!-- bench.accel:quick:begin -->") == 1
+    update_summary(summary, result, out, "accel_quick")  # a second run replaces its section
+    assert summary.read_text().count("<!-- bench.accel:quick:begin -->") == 1
