@@ -105,16 +105,10 @@ def with_calibration(method: Method, profile: dict[str, Any]) -> Method:
 
 
 def timed_run(workload: Workload, method: Method) -> TimedRun:
-    """A timed sampling with ``method`` applied just before and removed just after.
-
-    HERO's own FLOP counter is switched off: in a pipeline it runs once per input shape over an
-    actor's life, here every timed run starts from a fresh application (FLOPs are counted apart).
-    """
+    """A timed sampling with ``method`` applied just before and removed just after."""
     transformer = workload.model.transformer
     if method.family in ("full", "steps"):
         return TimedRun(run=lambda: workload.sample(method.steps))
-    if method.family == "hero":
-        method = dataclasses.replace(method, options={**method.options, "count_flops": False})
     holder: dict[str, Any] = {}
     return TimedRun(run=lambda: workload.sample(method.steps),
                     setup=lambda: holder.update(accel=apply_method(transformer, method, workload.steps)),

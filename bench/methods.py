@@ -80,10 +80,14 @@ def steps_methods(flops_ratios: dict[str, float], steps: int) -> list[Method]:
 
 
 def apply_method(transformer: nn.Module, method: Method, steps: int) -> Accelerator:
-    """Apply ``method`` to ``transformer`` (MagCache gets the run's step count)."""
+    """Apply ``method`` to ``transformer``. MagCache gets the run's step count; HERO's own FLOP
+    counter stays off (a pipeline pays for it once per input shape over an actor's life, the
+    benchmark would pay on every fresh application; it counts every method's FLOPs itself)."""
     options = dict(method.options)
     if method.accelerator == "magcache":
         options.setdefault("num_inference_steps", steps)
+    if method.family == "hero":
+        options.setdefault("count_flops", False)
     return apply_accelerator(transformer, method.accelerator, **options)
 
 

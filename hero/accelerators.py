@@ -98,7 +98,7 @@ class _CallTracker(ModelHook):
         self.context = StateManager(_NoState)
         self.on_new_generation = on_new_generation
         self.before_call = before_call
-        self.timestep: float | None = None
+        self.timestep: Any = None
         self.calls = 0
         self.last_step: int | None = None
         self.num_steps: int | None = None
@@ -114,17 +114,16 @@ class _CallTracker(ModelHook):
         self.last_step = step if step is not None else self.last_step
         self.calls += 1
         self.before_call(context)
-        timestep = bind_model_inputs(module, args, kwargs).get("timestep")
-        if isinstance(timestep, torch.Tensor):
-            self.timestep = float(timestep.flatten()[0])
-        elif timestep is not None:
-            self.timestep = float(timestep)
+        self.timestep = bind_model_inputs(module, args, kwargs).get("timestep")
         return args, kwargs
 
     def current_timestep(self) -> float:
+        """The timestep of the call in progress (read from the device only when asked)."""
         if self.timestep is None:
             raise RuntimeError("the accelerator has not seen a transformer call yet")
-        return self.timestep
+        if isinstance(self.timestep, torch.Tensor):
+            return float(self.timestep.flatten()[0])
+        return float(self.timestep)
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         return module
@@ -176,13 +175,22 @@ class _FasterCacheAccelerator(_DiffusersCacheAccelerator):
     """FasterCache splits a batched ``"cond_uncond"`` call; calls under any other context name
     carry no unconditional half, so for those its hooks act as for a guidance-distilled model."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._hooks_with_guidance: list[ModelHook] | None = None
+
     def _before_call(self, context: CacheContext | None) -> None:
         distilled = context is None or context.name != "cond_uncond"
-        for submodule in self.transformer.modules():
-            registry = submodule.__dict__.get("_diffusers_hook")
-            for hook in (registry.hooks.values() if registry is not None else ()):
-                if hasattr(hook, "is_guidance_distilled"):
-                    hook.is_guidance_distilled = distilled
+        for hook in self._guidance_hooks():
+            hook.is_guidance_distilled = distilled
+
+    def _guidance_hooks(self) -> list[ModelHook]:
+        if self._hooks_with_guidance is None:
+            registries = [m.__dict__.get("_diffusers_hook") for m in self.transformer.modules()]
+            self._hooks_with_guidance = [
+                hook for registry in registries if registry is not None
+                for hook in registry.hooks.values() if hasattr(hook, "is_guidance_distilled")]
+        return self._hooks_with_guidance
 
 
 class _MagRatioState(BaseState):

@@ -209,6 +209,35 @@ def prepare_batch(batch: dict[str, np.ndarray], geo: Geometry, storage_options: 
 
 
 # -------------------------------------------------------------------------------------- generate
+class RolloutMetrics:
+    """Ray metrics of the generate actors (on each node's metrics endpoint, tagged model/accel)."""
+
+    def __init__(self, model: str, accel: str) -> None:
+        from ray.util import metrics
+
+        tags = {"model": model, "accel": accel}
+        keys = tuple(tags)
+        self.rollouts = metrics.Counter("hero_rollouts", "rollouts generated", tag_keys=keys)
+        self.frames = metrics.Counter("hero_frames", "frames generated", tag_keys=keys)
+        self.failures = metrics.Counter("hero_rollout_failures", "rows the model failed on", tag_keys=keys)
+        self.seconds = metrics.Histogram("hero_rollout_seconds", "generation seconds per rollout",
+                                         boundaries=[1, 5, 15, 30, 60, 120, 300, 900], tag_keys=keys)
+        self.skipped = metrics.Gauge("hero_cache_skipped_fraction",
+                                     "fraction of block-token computations the accelerator skipped", tag_keys=keys)
+        for metric in (self.rollouts, self.frames, self.failures, self.seconds, self.skipped):
+            metric.set_default_tags(tags)
+
+    def record(self, rollouts: list[Rollout], failures: int, seconds: float, stats: dict[str, Any]) -> None:
+        if rollouts:
+            self.rollouts.inc(len(rollouts))
+            self.frames.inc(sum(r.frames for r in rollouts))
+            self.seconds.observe(seconds)
+        if failures:
+            self.failures.inc(failures)
+        if isinstance(stats.get("skipped_block_token_fraction"), (int, float)):
+            self.skipped.set(float(stats["skipped_block_token_fraction"]))
+
+
 class GenerateRollouts:
     """Generate stage (an actor pool): each actor loads the world model and applies the accelerator
     once, in ``__init__``, then turns batches of prepared rows into rollouts."""
@@ -226,13 +255,12 @@ class GenerateRollouts:
         self.accel_options = accel_options
         self.accelerator = apply_accelerator(self.model.transformer, accel, **accel_options)
         self.steps = steps
-        self.calls = 0
+        self.metrics = RolloutMetrics(model, accel)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [dict(item, rollout=b"") for item in _rows(batch)]
         pending = [item for item in items if not item["error"]]
         self._generate(pending)
-        self.calls += 1
         if pending and faults.inject("actor_exit"):
             os._exit(1)
         return _columns(items, ROW_COLUMNS + ("rollout",))
@@ -248,6 +276,8 @@ class GenerateRollouts:
             rollouts = [self._generate_one(request, item) for request, item in zip(requests, items)]
         seconds = (time.perf_counter() - started) / len(items)
         stats = self._accel_stats()
+        done = [r for r in rollouts if r is not None]
+        self.metrics.record(done, len(items) - len(done), seconds, stats)
         for item, rollout in zip(items, rollouts):
             if rollout is None:
                 continue

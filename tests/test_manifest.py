@@ -84,7 +84,7 @@ def mutated_rows(draw):
     return row
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_rows())
 def test_any_row_validates_or_names_a_field(row):
     text = json.dumps(row)  # NaN/Infinity tokens included, as real JSONL can carry them
@@ -103,7 +103,7 @@ def test_any_row_validates_or_names_a_field(row):
             assert np.isfinite(poses).all()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_never_raise(data):
     result = parse_line(data.decode("utf-8", errors="replace"), source="m", line=1)

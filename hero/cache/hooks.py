@@ -146,10 +146,12 @@ class HeroRootHook(ModelHook):
         key = (signature, mode)
         state.counting = config.count_flops and key not in self.flop_table
         if state.counting:
-            with FlopCounterMode(display=False) as counter:
-                output = self.fn_ref.original_forward(*args, **kwargs)
+            try:
+                with FlopCounterMode(display=False) as counter:
+                    output = self.fn_ref.original_forward(*args, **kwargs)
+            finally:
+                state.counting = False
             self.flop_table[key] = counter.get_total_flops()
-            state.counting = False
         else:
             output = self.fn_ref.original_forward(*args, **kwargs)
         self._end_step(state, signature, grid, batch)

@@ -239,7 +239,7 @@ def dit_stage(cfg: TrainConfig, model: CogVideoXWorldModel) -> None:
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.dit_lr, weight_decay=0.01)
     step = load_checkpoint(ckpt, {"transformer": transformer, "ema": ema}, optimizer)
     if step >= cfg.dit_steps:
-        model.transformer = ema
+        model.transformer = debiased_ema(ema, cfg, step)
         return
     latents = load_file(str(cfg.workdir / "latents.safetensors"))
     rng, losses = np.random.default_rng(cfg.seed + 1 + step), LossLog(cfg.workdir / "dit_loss.csv")
@@ -271,7 +271,22 @@ def dit_stage(cfg: TrainConfig, model: CogVideoXWorldModel) -> None:
             losses.write(step + 1, loss.item(), lr)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.dit_steps:
             save_checkpoint(ckpt, step + 1, {"transformer": transformer, "ema": ema}, optimizer)
-    model.transformer = ema
+    model.transformer = debiased_ema(ema, cfg, step + 1)
+
+
+def debiased_ema(ema: torch.nn.Module, cfg: TrainConfig, steps: int) -> torch.nn.Module:
+    """Remove the random initialisation's weight decay**steps from a constant-decay EMA.
+
+    The EMA starts as a copy of the (seeded, so reproducible) initial weights; like Adam's bias
+    correction, (ema - d^n init) / (1 - d^n) is the average of the trained weights alone.
+    """
+    init = build_components(seed=cfg.seed)[1]
+    left = cfg.ema_decay ** steps
+    debiased = copy.deepcopy(ema)
+    with torch.no_grad():
+        for out, start in zip(debiased.parameters(), init.parameters()):
+            out.sub_(start, alpha=left).div_(1.0 - left)
+    return debiased.eval()
 
 
 def export_stage(cfg: TrainConfig, model: CogVideoXWorldModel) -> None:
@@ -328,7 +343,8 @@ def train(cfg: TrainConfig) -> None:
     if "dit" in cfg.stages:
         dit_stage(cfg, model)
     elif (cfg.workdir / "dit.safetensors").exists():
-        model.transformer = _load_module(cfg.workdir / "dit.safetensors", "ema", model.transformer)
+        ema = _load_module(cfg.workdir / "dit.safetensors", "ema", model.transformer)
+        model.transformer = debiased_ema(ema, cfg, _checkpoint_step(cfg.workdir / "dit.safetensors"))
     if "export" in cfg.stages:
         export_stage(cfg, model)
 
