@@ -159,6 +159,7 @@ def bench_workload(workload: Workload, methods: list[Method], settings: Settings
 
 def _row(method: Method, profile: dict[str, Any], reference: dict[str, Any], workload: Workload
          ) -> dict[str, Any]:
+    """A method's figures, relative to full compute's where a ratio or a distance is meant."""
     row = {"family": method.family, "accelerator": method.accelerator, "options": method.options,
            "description": method.describe(), "steps": method.steps or workload.steps,
            "matches": list(method.matches),
@@ -206,7 +207,7 @@ def run(settings: Settings, out: Path, summary: Path | None, command: str) -> di
 def _machine(settings: Settings, load_before: tuple[float, float, float]) -> dict[str, Any]:
     return {"platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "cpus": os.cpu_count(), "threads": settings.threads,
-            "device": settings.device,
+            "device": settings.device, "memory_source": PeakMemory(settings.device).source,
             "gpu": torch.cuda.get_device_name(0) if settings.device.startswith("cuda") else None,
             "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())}
 
@@ -215,8 +216,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, Path | No
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small settings (< 10 min on 2 cores)")
-    parser.add_argument("--out", type=Path, default=Path("docs/bench"))
-    parser.add_argument("--summary", type=Path, default=Path("docs/benchmarks.md"),
+    parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="folder of the results")
+    parser.add_argument("--summary", default="docs/benchmarks.md",
                         help="markdown file whose marked benchmark section is refreshed ('' for none)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     parser.add_argument("--scenes", type=int, default=None, help="toyworld held-out scenes")
@@ -227,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, Path | No
     parser.add_argument("--steps", type=int, default=None, help="Aether-shaped sampling steps")
     parser.add_argument("--no-steps-matched", action="store_true",
                         help="leave out the fewer-steps comparison")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
     args = parser.parse_args(argv)
     settings = dataclasses.replace(QUICK if args.quick else FULL)
@@ -241,7 +242,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, Path | No
     settings = dataclasses.replace(settings, shape=shape,
                                    steps_matched=not args.no_steps_matched,
                                    **{k: v for k, v in overrides.items() if v is not None})
-    summary = args.summary if str(args.summary) else None
+    summary = Path(args.summary) if args.summary else None
     return settings, args.out, summary
 
 

@@ -7,6 +7,8 @@ and the median over rounds kept: slow drifts of a shared machine cancel within a
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import statistics
 import threading
 import time
@@ -61,18 +63,42 @@ def count_flops(run: Callable[[], Any]) -> tuple[Any, int]:
     return result, counter.total
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def cpu_memory_probe() -> tuple[str, Callable[[], int]]:
+    """How CPU memory in use is read: bytes malloc has handed out and not taken back (glibc's
+    ``mallinfo2``, which sees every tensor's storage and nothing an allocator merely keeps), or the
+    resident set size where that is not available."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = _MallInfo2
+
+        def in_use() -> int:
+            info = libc.mallinfo2()
+            return info.uordblks + info.hblkhd
+
+        return "malloc in use", in_use
+    process = psutil.Process()
+    return "resident set size", lambda: process.memory_info().rss
+
+
 class PeakMemory:
     """Peak memory of a block of code above what was in use when it started.
 
-    On CUDA: ``torch.cuda.max_memory_allocated``. On CPU: the process's resident set size, sampled
-    every ``interval_s`` by a thread (tensors live outside Python's allocator, so tracemalloc
-    cannot see them).
+    On CUDA: ``torch.cuda.max_memory_allocated``. On CPU: :func:`cpu_memory_probe`, sampled every
+    ``interval_s`` by a thread (tensors live outside Python's allocator, so tracemalloc cannot
+    see them).
     """
 
     def __init__(self, device: torch.device, interval_s: float = 0.002) -> None:
         self.device = torch.device(device)
         self.interval_s = interval_s
         self.peak_bytes = 0
+        self.source = "cuda allocator" if self.device.type == "cuda" else cpu_memory_probe()[0]
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -80,9 +106,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
             return self
-        self._process = psutil.Process()
-        self._start = self._process.memory_info().rss
-        self._max = self._start
+        _, self._read = cpu_memory_probe()
+        self._start = self._max = self._read()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -90,7 +115,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self._max = max(self._max, self._process.memory_info().rss)
+            self._max = max(self._max, self._read())
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
@@ -99,7 +124,7 @@ class PeakMemory:
             return
         self._stop.set()
         self._thread.join()
-        self._max = max(self._max, self._process.memory_info().rss)
+        self._max = max(self._max, self._read())
         self.peak_bytes = self._max - self._start
 
 
@@ -127,7 +152,7 @@ def hook_state_bytes(model: nn.Module) -> int:
 def _tensors_of(value: Any, depth: int) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
-    if depth > 6 or isinstance(value, (nn.Module, str, bytes, int, float, bool, type)) or value is None:
+    if depth > 8 or isinstance(value, (nn.Module, str, bytes, int, float, bool, type)) or value is None:
         return []
     if isinstance(value, dict):
         items = list(value.values())

@@ -3,10 +3,11 @@
 Runs the embedded job (``jobs/generate.py`` with no arguments: local Ray, the shipped manifest,
 ``file://`` output) in this process, then a plain loop that calls the same model, with the same
 accelerator, on the same requests (built from the same manifest rows, untimed), with no Ray, no
-encoding and no I/O. Reports the pipeline's overhead as ``job wall / plain model time - 1`` and
-where the job's time goes per stage (prep, generate, encode: busy seconds summed over rows, read
-back from each sample's ``meta.json``), then the job's throughput for each number of actors and
-batch size asked for. Writes ``<out>/pipeline.json`` and ``<out>/pipeline.md``.
+encoding and no I/O. Reports the pipeline's overhead as ``job wall / plain model time - 1``, with
+and without the fixed start-up a longer job pays once (Ray start and stop, model load, each also
+measured alone), and where the job's time goes per stage (prep, generate, encode: busy seconds
+summed over rows, read back from each sample's ``meta.json``); then the job's throughput for each
+number of actors and batch size asked for. Writes ``<out>/pipeline.json`` and ``<out>/pipeline.md``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from hero.models.base import RolloutRequest
 from pipeline.cli import load
 from pipeline.config import JobConfig
 from pipeline.loader import rollout_dataset
-from pipeline.run import run as run_job
+from pipeline.run import connect_ray, run as run_job
 from pipeline.sources import read_manifest
 from pipeline.stages import model_geometry, prepare_row
 
@@ -79,31 +80,66 @@ def job_requests(config: JobConfig) -> list[RolloutRequest]:
     return requests
 
 
+def time_ray_start(config: JobConfig) -> float:
+    """Seconds to start and stop the job's Ray instance alone (``pipeline.run.connect_ray``)."""
+    import ray
+
+    started = time.perf_counter()
+    connect_ray(config)
+    ray.shutdown()
+    return time.perf_counter() - started
+
+
 def time_plain_loop(config: JobConfig, requests: list[RolloutRequest]) -> dict[str, Any]:
     """The same model and accelerator on the same requests, batch by batch, nothing else, with
     as many torch threads as a generate actor gets (Ray sets OMP_NUM_THREADS to its num_cpus)."""
     threads = max(1, int(config.generate.num_cpus))
     torch.set_num_threads(threads)
+    started = time.perf_counter()
     model = load_model(config.model.name, **config.model.options)
     accelerator = apply_accelerator(model.transformer, config.accel.name, **config.accel.options)
+    load_s = time.perf_counter() - started
     batch = config.generate.batch_size
-    started = time.perf_counter()
+    batch_s = []
     for start in range(0, len(requests), batch):
+        started = time.perf_counter()
         model.generate(requests[start: start + batch])
-    seconds = time.perf_counter() - started
+        batch_s.append(time.perf_counter() - started)
     accelerator.remove()
-    return {"model_s": seconds, "rollouts": len(requests), "batch_size": batch, "threads": threads}
+    return {"model_s": sum(batch_s), "batch_s": batch_s, "model_load_s": load_s,
+            "rollouts": len(requests), "batch_size": batch, "threads": threads}
 
 
-def overhead(job: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
-    """The job's wall time beyond the plain loop's, as a ratio of model time, and where it went."""
+def marginal_overhead(job: dict[str, Any], half: dict[str, Any], plain: dict[str, Any]
+                      ) -> float | None:
+    """Overhead per extra rollout: the job's extra wall time from ``half`` to all rows over the
+    plain loop's extra model time for the same rows; every fixed cost cancels (None with a
+    single row)."""
+    batches = -(-half["rollouts"] // plain["batch_size"])
+    if batches >= len(plain["batch_s"]):
+        return None
+    extra_model = plain["model_s"] - sum(plain["batch_s"][:batches])
+    return (job["wall_s"] - half["wall_s"]) / extra_model - 1.0
+
+
+def overhead(job: dict[str, Any], half: dict[str, Any], plain: dict[str, Any], ray_start_s: float
+             ) -> dict[str, Any]:
+    """The job's wall time beyond the plain loop's, as a ratio of model time, and where it went.
+
+    ``steady_ratio`` leaves out the fixed start-up a longer job pays once (Ray start/stop, model
+    load): what remains grows with the number of rollouts.
+    """
     stages = job["stages"]
-    generate_extra = stages["generate_s"] - stages["model_total_s"]
+    outside = job["wall_s"] - stages["generate_s"] / job["actors"]
+    fixed = ray_start_s + plain["model_load_s"]
     return {"ratio": job["wall_s"] / plain["model_s"] - 1.0,
             "extra_s": job["wall_s"] - plain["model_s"],
-            "generate_stage_beyond_model_s": generate_extra,
+            "steady_ratio": (job["wall_s"] - fixed) / plain["model_s"] - 1.0,
+            "marginal_ratio": marginal_overhead(job, half, plain),
+            "generate_stage_beyond_model_s": stages["generate_s"] - stages["model_total_s"],
             "prep_busy_s": stages["prep_s"], "encode_busy_s": stages["encode_s"],
-            "outside_stages_s": job["wall_s"] - stages["generate_s"] / job["actors"]}
+            "outside_stages_s": outside, "ray_start_stop_s": ray_start_s,
+            "model_load_s": plain["model_load_s"], "outside_remaining_s": outside - fixed}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -114,16 +150,25 @@ def markdown(result: dict[str, Any]) -> str:
              f"accelerator `{result['accel']}`; {os.cpu_count()} CPUs, {plain['threads']} torch "
              "thread(s) in the plain loop as in each actor.",
              "", "| figure | seconds |", "|---|---|",
-             f"| job wall clock (`jobs/generate.py`, in process) | {job['wall_s']:.1f} |",
-             f"| plain loop: `model.generate` on the same requests | {plain['model_s']:.1f} |",
+             f"| job wall clock (`jobs/generate.py`, in process) | {job['wall_s']:.2f} |",
+             f"| plain loop: `model.generate` on the same requests | {plain['model_s']:.2f} |",
              f"| overhead: wall − plain | {over['extra_s']:.1f} ({100 * over['ratio']:.1f}% of model time) |",
-             f"| generate stage, summed over rows | {job['stages']['generate_s']:.1f} |",
-             f"| … of which `model.generate` (model's own timer) | {job['stages']['model_total_s']:.1f} |",
-             f"| … of which sampling loop | {job['stages']['model_sampling_s']:.1f} |",
-             f"| prep stage busy (render/decode inputs), summed | {over['prep_busy_s']:.1f} |",
-             f"| encode stage busy (mp4, npz, meta), summed | {over['encode_busy_s']:.1f} |",
-             f"| outside the generate stage (Ray start, actor start + model load, scheduling, "
-             f"commit, index, summary) | {over['outside_stages_s']:.1f} |", ""]
+             f"| generate stage, summed over rows | {job['stages']['generate_s']:.2f} |",
+             f"| … of which `model.generate` (model's own timer) | {job['stages']['model_total_s']:.2f} |",
+             f"| … of which sampling loop | {job['stages']['model_sampling_s']:.2f} |",
+             f"| prep stage busy (render/decode inputs), summed | {over['prep_busy_s']:.2f} |",
+             f"| encode stage busy (mp4, npz, meta), summed | {over['encode_busy_s']:.2f} |",
+             f"| outside the generate stage | {over['outside_stages_s']:.2f} |",
+             f"| … Ray start and stop (measured alone) | {over['ray_start_stop_s']:.2f} |",
+             f"| … model load + accelerator (measured alone; an actor does it once) | "
+             f"{over['model_load_s']:.2f} |",
+             f"| … the rest: actor start, scheduling, commit, index, summary, preview | "
+             f"{over['outside_remaining_s']:.2f} |",
+             f"| overhead without the fixed start-up (Ray, model load) | "
+             f"{100 * over['steady_ratio']:.1f}% of model time |",
+             f"| overhead per extra rollout (job of {result['half']['rollouts']} rows vs "
+             f"{job['rollouts']}: fixed costs cancel) | {_percent(over['marginal_ratio'])} |",
+             ""]
     if result["sweep"]:
         lines += ["## Throughput by actors and batch size", "",
                   "| actors | batch size | wall (s) | rollouts/min | frames/s | generate busy (s) |",
@@ -131,8 +176,12 @@ def markdown(result: dict[str, Any]) -> str:
         for row in result["sweep"]:
             lines.append(f"| {row['actors']} | {row['batch_size']} | {row['wall_s']:.1f} | "
                          f"{row['rollouts_per_min']:.2f} | {row['frames_per_s']:.2f} | "
-                         f"{row['stages']['generate_s']:.1f} |")
+                         f"{row['stages']['generate_s']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _percent(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{100 * ratio:.1f}% of model time"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -154,7 +203,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log.info("embedded job: %s", embedded.run_id)
         job = time_job(embedded)
         log.info("plain loop on the same requests")
-        plain = time_plain_loop(embedded, job_requests(embedded))
+        requests = job_requests(embedded)
+        plain = time_plain_loop(embedded, requests)
+        ray_start_s = time_ray_start(embedded)
+        log.info("the same job on the first %d rows", len(requests) // 2)
+        half = time_job(job_config(workdir, [*extra, "--limit", str(max(1, len(requests) // 2))]))
         sweep = []
         for actors in (int(a) for a in args.actors.split(",") if a):
             for batch in (int(b) for b in args.batch_sizes.split(",") if b):
@@ -163,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 sweep.append(time_job(config))
     result = {"command": "python -m bench.pipeline " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
               "model": embedded.model.name, "accel": embedded.accel.name,
-              "embedded": job, "plain": plain, "overhead": overhead(job, plain), "sweep": sweep}
+              "embedded": job, "half": half, "plain": plain,
+              "overhead": overhead(job, half, plain, ray_start_s), "sweep": sweep}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pipeline.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "pipeline.md").write_text(markdown(result))

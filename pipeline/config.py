@@ -57,7 +57,7 @@ class GenerateConfig(_Section):
     actors: int = Field(1, ge=1)
     batch_size: int = Field(1, ge=1)
     num_gpus: float = Field(0.0, ge=0)
-    num_cpus: float = Field(1.0, gt=0)
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per actor (logical; fractional on a laptop)")
     steps: int | None = Field(None, ge=1, description="denoising steps for every row (None: the row's or the model's)")
 
 

@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,6 +33,7 @@ from pipeline.sources import read_manifest
 from pipeline.stages import unpack_files
 from pipeline.storage import Store
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 logger = logging.getLogger("pipeline.run")
 
@@ -89,6 +91,8 @@ def connect_ray(config: JobConfig) -> None:
     import ray
 
     env = forwarded_env()
+    if not address:  # workers of a private local instance import this very checkout
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
     runtime_env = {"env_vars": env} if env else None
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)

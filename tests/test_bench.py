@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.accel import Settings, run
-from bench.measure import PairedTimes, cpu_attention_flops, count_flops, hook_state_bytes
+from bench.measure import PairedTimes, PeakMemory, cpu_attention_flops, count_flops, hook_state_bytes
 from bench.methods import default_methods, steps_methods
 from bench.report import pareto_front, update_summary
 from bench.workloads import AetherShape
@@ -79,6 +79,13 @@ def test_hook_state_bytes_sees_a_baselines_cache():
         remove_fora(model.transformer)
     assert held == reported > 0
     assert hook_state_bytes(model.transformer) == 0
+
+
+def test_peak_memory_sees_tensors_allocated_inside():
+    with PeakMemory(torch.device("cpu")) as memory:
+        block = torch.ones(2 ** 21)  # 8 MiB, alive when the block ends
+    assert memory.peak_bytes >= block.nbytes
+    assert memory.source in ("malloc in use", "resident set size")
 
 
 def test_paired_ratio_is_the_median_over_rounds():
@@ -152,3 +159,19 @@ def test_smoke_writes_tables_plots_and_summary(smoke):
     assert text.count("<!-- bench.accel:quick:begin -->") == 1
     update_summary(summary, result, out, "accel_quick")  # a second run replaces its section
     assert summary.read_text().count("<!-- bench.accel:quick:begin -->") == 1
+
+
+def test_pipeline_overhead_arithmetic():
+    from bench.pipeline import marginal_overhead, overhead
+
+    stages = {"prep_s": 0.4, "generate_s": 9.0, "encode_s": 0.6, "model_total_s": 8.5,
+              "model_sampling_s": 6.0}
+    job = {"wall_s": 20.0, "rollouts": 4, "actors": 1, "stages": stages}
+    half = {"wall_s": 14.0, "rollouts": 2}
+    plain = {"model_s": 8.0, "batch_s": [2.0, 2.0, 2.0, 2.0], "batch_size": 1, "model_load_s": 1.0}
+    result = overhead(job, half, plain, ray_start_s=5.0)
+    assert result["ratio"] == pytest.approx(1.5) and result["extra_s"] == pytest.approx(12.0)
+    assert result["steady_ratio"] == pytest.approx((20.0 - 6.0) / 8.0 - 1.0)
+    assert result["marginal_ratio"] == pytest.approx(6.0 / 4.0 - 1.0)
+    assert result["outside_remaining_s"] == pytest.approx(20.0 - 9.0 - 6.0)
+    assert marginal_overhead(job, {"wall_s": 14.0, "rollouts": 4}, plain) is None

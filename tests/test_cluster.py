@@ -263,6 +263,30 @@ def test_entrypoints_are_valid_jobs_with_the_config_they_name(manifests):
         assert config.generate.num_gpus == 1, tokens  # one world-model actor per GPU
 
 
+@pytest.fixture(scope="module")
+def weight_paths(manifests) -> list[str]:
+    """Local paths the GPU job config reads model weights from (nothing is downloaded)."""
+    options = generate_options(entrypoint_tokens(manifests["rayjob"]["spec"]["entrypoint"]))
+    config = load_job_config(["--config", in_checkout(options.config), "--run-id", "paths"])
+    paths = [v for v in config.model.options.values() if isinstance(v, str) and v.startswith("/")]
+    assert paths, "the GPU config names no local weights"
+    return paths
+
+
+def test_every_pod_mounts_the_model_weights(cluster_specs, weight_paths):
+    for spec in cluster_specs.values():
+        for container in containers(spec):
+            mounts = [m["mountPath"].rstrip("/") + "/" for m in container["volumeMounts"]]
+            for path in weight_paths:
+                assert any(path.startswith(mount) for mount in mounts), (container["name"], path)
+
+
+def test_launcher_nodes_sync_the_model_weights(launcher, weight_paths):
+    targets = re.findall(r"aws s3 sync .*?s3://\S+ (/\S+)", "\n".join(launcher["setup_commands"]))
+    for path in weight_paths:
+        assert any(path.startswith(target.rstrip("/") + "/") for target in targets), path
+
+
 def raycronjob_exec(manifests) -> tuple[str, int, list[str]]:
     """(schedule name, period minutes, job command) of the RayCronJob's exec entrypoint."""
     tokens = entrypoint_tokens(manifests["raycronjob"]["spec"]["jobTemplate"]["entrypoint"])

@@ -11,6 +11,8 @@ from hero.accelerators import ACCELERATORS, apply_accelerator
 from hero.cache.tiny import sample, tiny_cogvideox
 
 STEPS = 8
+BUILT_IN = ("none", "hero", "hero-fast", "hero-quality", "pab", "pab-fast", "fastercache", "fbc",
+            "fbc-fast", "taylorseer", "taylorseer-fast", "magcache")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,7 +37,12 @@ def no_hooks_left(transformer: torch.nn.Module) -> bool:
     return getattr(transformer, "_cache_config", None) is None
 
 
-@pytest.mark.parametrize("name", sorted(ACCELERATORS))
+def test_registry_lists_hero_and_the_diffusers_caches():
+    assert set(BUILT_IN) <= set(ACCELERATORS)
+    assert all(ACCELERATORS[name].description for name in BUILT_IN)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_accelerator_applies_samples_and_removes(name, model_and_reference, tmp_path):
     model, reference = model_and_reference
     options = {"calibration_path": str(tmp_path / "mag.json")} if name == "magcache" else {}

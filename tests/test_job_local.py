@@ -12,6 +12,8 @@ import torch
 import webdataset as wds
 from conftest import REPO, run_job
 
+from pipeline.cli import load
+from pipeline.config import ConfigError
 from pipeline.loader import random_access, rollout_dataset, shard_urls
 from pipeline.sources import default_manifest, read_manifest
 
@@ -79,15 +81,23 @@ def test_rerun_of_a_finished_run_is_a_noop(default_run, ray_head):
     (["--actors", "0"], "generate.actors"),
     (["--model", "nope"], "model.name"),
     (["--accel", "nope"], "accel.name"),
+    (["--set", "accel.options.nope=1"], "accel.options"),
     (["--set", "sink.rows_per_shardz=3"], "sink.rows_per_shardz"),
+    (["--set", "generate.batch_size=two"], "generate.batch_size"),
     (["--run-id", "a/b"], "run_id"),
-    (["--input", "/nonexistent/manifest.jsonl"], "input"),
 ])
-def test_bad_config_fails_before_work_with_status_2(args, key, tmp_path):
+def test_bad_config_names_the_key(args, key):
+    with pytest.raises(ConfigError) as error:
+        load(args)
+    assert error.value.key == key and f"config key '{key}'" in str(error.value)
+
+
+def test_bad_config_fails_before_work_with_status_2(tmp_path):
     output = tmp_path / "out"
-    result = run_job([*args, "--output", str(output)], dict(os.environ, RAY_ADDRESS="127.0.0.1:1"))
+    result = run_job(["--input", str(tmp_path / "missing.jsonl"), "--output", str(output)],
+                     dict(os.environ, RAY_ADDRESS="127.0.0.1:1"))
     assert result.returncode == 2, result.stdout + result.stderr
-    assert f"config key '{key}'" in result.stderr
+    assert "config key 'input'" in result.stderr and "Traceback" not in result.stderr
     assert not (output / "shards").exists()
 
 
@@ -103,3 +113,13 @@ def test_yaml_config_with_unknown_key(tmp_path):
     config.write_text("generate:\n  actors: 1\n  batchsize: 2\n")
     result = run_job(["--config", str(config)], dict(os.environ), cwd=REPO)
     assert result.returncode == 2 and "config key 'generate.batchsize': unknown key" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "toyworld-s3.yaml", "aether-gpu.yaml"])
+def test_shipped_configs_are_valid(name):
+    from pipeline.config import build_config
+
+    config = build_config(str(REPO / "jobs" / "configs" / name))
+    assert config.generate.actors >= 1 and config.sink.rows_per_shard >= 1
+    if name == "aether-gpu.yaml":
+        assert config.model.name == "aether" and config.generate.num_gpus == 1

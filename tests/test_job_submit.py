@@ -8,6 +8,8 @@ import json
 import shutil
 import subprocess
 
+import pytest
+
 from conftest import BIN, REPO
 
 from pipeline.loader import rollout_dataset
@@ -17,6 +19,7 @@ from pipeline.sources import default_manifest, read_manifest
 def checkout_copy(destination):
     """The project as a fresh checkout would have it (no virtualenv, no caches)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".venv", ".git", ".pytest_cache", "*.egg-info", "runs")
+    destination.mkdir(parents=True)
     for name in ("pyproject.toml", "README.md", "hero", "pipeline", "jobs"):
         source = REPO / name
         if source.is_dir():
@@ -35,6 +38,8 @@ def submit(ray_head, workdir, submission_id, output):
 
 
 def test_ray_job_submit_runs_the_job(ray_head, tmp_path):
+    if ray_head.dashboard is None:
+        pytest.skip("the session's Ray head was started without the dashboard (HERO_TEST_NO_DASHBOARD=1)")
     workdir = checkout_copy(tmp_path / "checkout")
     output = tmp_path / "job-output"
     result = submit(ray_head, workdir, "hero-test-slot-1", output)

@@ -31,7 +31,8 @@ from torch import nn
 from hero.baselines.common import (FULL, PARTIAL, REUSE, ContextStates, StepRootHook, StepState,
                                    find_hook, is_full_step, register, summarize_states,
                                    unregister)
-from hero.cache.adapters import BlockAdapter, adapter_for, gather_tokens, scatter_tokens
+from hero.cache.adapters import (BlockAdapter, BlockInputs, adapter_for, gather_tokens,
+                                 scatter_tokens)
 
 ROOT_HOOK = "toca_root"
 BLOCK_HOOK = "toca_block"
@@ -161,7 +162,7 @@ class TocaBlockHook(ModelHook):
         state.count(batch * tokens, batch * index.shape[1])
         return self._partial(module, cache, inputs, index)
 
-    def _full(self, module: nn.Module, state: TocaState, inputs: Any, args: tuple,
+    def _full(self, module: nn.Module, state: TocaState, inputs: BlockInputs, args: tuple,
               kwargs: dict[str, Any]) -> Any:
         importance = None
         if self.config.score == "attention":
@@ -174,7 +175,7 @@ class TocaBlockHook(ModelHook):
             importance)
         return output
 
-    def _forward_with_importance(self, module: nn.Module, inputs: Any, args: tuple,
+    def _forward_with_importance(self, module: nn.Module, inputs: BlockInputs, args: tuple,
                                  kwargs: dict[str, Any]) -> tuple[Any, torch.Tensor]:
         """The block's own forward, catching its query/key projections to score the tokens."""
         if self.adapter.name != "cogvideox":
@@ -221,8 +222,9 @@ class TocaBlockHook(ModelHook):
         top = top.scatter_reduce(1, cells, score, reduce="amax")
         return (score >= top.gather(1, cells)).to(score.dtype)
 
-    def _partial(self, module: nn.Module, cache: BlockCache, inputs: Any, index: torch.Tensor
-                 ) -> Any:
+    def _partial(self, module: nn.Module, cache: BlockCache, inputs: BlockInputs,
+                 index: torch.Tensor) -> Any:
+        """Tokens ``index`` through the block (keys/values from every token); the rest reuse."""
         part = self.adapter.partial_forward(module, inputs, index, None, "sdpa")
         x = inputs.hidden
         hidden = scatter_tokens(x + cache.hidden, index, part.hidden)

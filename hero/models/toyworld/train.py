@@ -48,7 +48,7 @@ class TrainConfig:
     workdir: Path = Path("runs/toyworld")
     export_to: Path = WEIGHTS_DIR
     clips: int = 4000
-    vae_steps: int = 1500
+    vae_steps: int = 1400
     vae_batch: int = 4
     vae_window: int = 9  # 1 + 4n frames with n even: the causal VAE decodes odd latent counts exactly
     vae_lr: float = 5e-4
