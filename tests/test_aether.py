@@ -63,16 +63,6 @@ def save_tiny_aether(root: Path) -> tuple[Path, Path]:
     return repo, base
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny tensors on two shared cores: a second intra-op thread only adds contention
-    (measured 25x slower wall time under load), so this module runs torch single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     return save_tiny_aether(tmp_path_factory.mktemp("tiny_aether"))

@@ -21,7 +21,6 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def model() -> CogVideoXTransformer3DModel:
-    torch.set_num_threads(1)  # a shared machine stalls multi-threaded tiny ops for seconds
     torch.manual_seed(0)
     return CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=6, out_channels=4,

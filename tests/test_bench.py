@@ -28,7 +28,6 @@ TINY_SHAPE = AetherShape(layers=3, heads=2, head_dim=16, latent_frames=2, latent
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    torch.set_num_threads(1)  # a shared machine stalls multi-threaded tiny ops for seconds
     out = tmp_path_factory.mktemp("bench")
     summary = out / "benchmarks.md"
     summary.write_text("# Benchmarks\n\nHand-written text stays.\n")
@@ -56,7 +55,6 @@ def test_cpu_attention_flops_are_counted():
 
 
 def test_lean_counter_agrees_with_torchs_flop_counter():
-    torch.set_num_threads(1)
     model = load_tiny()
     condition = torch.randn(1, 5, 40, 12, 16)
     run = lambda: model.denoise(condition, "prediction", 2, 3.0, [0])
@@ -68,7 +66,6 @@ def test_lean_counter_agrees_with_torchs_flop_counter():
 
 
 def test_hook_state_bytes_sees_a_baselines_cache():
-    torch.set_num_threads(1)
     model = load_tiny()
     condition = torch.randn(1, 5, 40, 12, 16)
     apply_fora(model.transformer, ForaConfig(interval=2))

@@ -15,13 +15,6 @@ BUILT_IN = ("none", "hero", "hero-fast", "hero-quality", "pab", "pab-fast", "fas
             "fbc-fast", "taylorseer", "taylorseer-fast", "magcache")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def model_and_reference():

@@ -18,14 +18,6 @@ from hero.cache.tiny import TinyVideoModel, tiny_cogvideox, tiny_wan
 FAMILIES = {"cogvideox": tiny_cogvideox, "wan": tiny_wan}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared two-core machine: one intra-op thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def drifting_latents(model: TinyVideoModel, num_steps: int, batch: int = 1, seed: int = 0
                      ) -> list[torch.Tensor]:

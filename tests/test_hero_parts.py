@@ -18,13 +18,6 @@ from hero.cache.refresh import RefreshTracker, build_layout
 from hero.cache.tiny import sample, tiny_cogvideox
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("field,value,message", [
     ("rho", 0.3, "whole number"), ("rho", 0.0, "rho"), ("warmup_steps", 0, "warmup_steps"),

@@ -11,7 +11,6 @@ import dataclasses
 import imageio.v3 as iio
 import numpy as np
 import pytest
-import torch
 
 from hero import geometry
 from hero.models.base import Rollout, RolloutRequest, pose_deltas
@@ -38,7 +37,6 @@ FAR = 60.0
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_num_threads(2)
     return load_tiny()
 
 

@@ -11,7 +11,6 @@ import json
 import imageio.v3 as iio
 import numpy as np
 import pytest
-import torch
 
 from hero import metrics
 from hero.models.base import Rollout
@@ -34,7 +33,6 @@ from hero.models.toyworld.world import FAR
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_num_threads(2)
     return load_tiny()
 
 
