@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import statistics
 import threading
 import time
@@ -106,11 +107,13 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
             return self
+        gc.collect()  # garbage freed later, inside the block, would hide part of the block's own peak
         _, self._read = cpu_memory_probe()
-        self._start = self._max = self._read()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._max = 0
         self._thread.start()
+        self._start = self._read()  # after the sampler's own start-up, which is not the block's
         return self
 
     def _sample(self) -> None:
@@ -122,10 +125,10 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
             return
+        end = self._read()  # before the sampler's teardown frees its own memory
         self._stop.set()
         self._thread.join()
-        self._max = max(self._max, self._read())
-        self.peak_bytes = self._max - self._start
+        self.peak_bytes = max(self._max, end) - self._start
 
 
 def hook_state_bytes(model: nn.Module) -> int:
