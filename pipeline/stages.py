@@ -56,12 +56,11 @@ class RowFailure(Exception):
 
 
 def model_geometry(name: str, options: dict[str, Any]) -> Geometry:
-    """The model's geometry, read from the model registry (``hero.models``)."""
-    from hero.models import load_model
+    """The model's geometry, from its spec in the model registry: the driver never loads weights."""
+    from hero.models import model_spec
 
-    model = load_model(name, **options)
-    return Geometry(model.name, model.height, model.width, tuple(model.frame_options),
-                    float(getattr(model, "spec").fov_x_deg))
+    spec = model_spec(name, **options)
+    return Geometry(spec.name, spec.height, spec.width, tuple(spec.frame_options), float(spec.fov_x_deg))
 
 
 def pack(arrays: dict[str, np.ndarray]) -> bytes:

@@ -131,3 +131,13 @@ def test_long_evaluation_command_writes_table_plot_and_preview(tmp_path):
     assert iio.imread(out.with_suffix(".png")).shape[-1] in (3, 4)
     assert iio.imread(out.with_suffix(".gif"), index=None).shape[0] == 33
     assert out.with_suffix(".md").read_text().count("\n| ") == 3  # header + two chunks
+
+
+def test_model_spec_matches_the_loaded_models_without_weights():
+    from hero.models import load_model, model_spec
+
+    for name in ("tiny", "toyworld"):
+        assert model_spec(name) == load_model(name).spec
+    aether = model_spec("aether", height=64, width=96)
+    assert (aether.name, aether.height, aether.width) == ("aether", 64, 96)
+    assert aether.frame_options == (17, 25, 33, 41)

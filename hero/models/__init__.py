@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import TYPE_CHECKING, Callable
 
 from hero.models.base import TASKS, Rollout, RolloutRequest, WorldModel
+
+if TYPE_CHECKING:
+    from hero.models.cogvideox_world import ModelSpec
 
 
 def _tiny(**options) -> WorldModel:
@@ -25,6 +29,24 @@ def _aether(**options) -> WorldModel:
 MODELS: dict[str, Callable[..., WorldModel]] = {"tiny": _tiny, "toyworld": _toyworld, "aether": _aether}
 
 
+def model_spec(name: str, **options) -> ModelSpec:
+    """The spec (resolution, frame counts, defaults) of model ``name`` without loading any weights.
+
+    Drivers use it to plan and validate work; only actors pay for the weights.
+    """
+    if name == "tiny":
+        from hero.models.toyworld.model import TINY_SPEC
+        return TINY_SPEC
+    if name == "toyworld":
+        from hero.models.toyworld.model import WEIGHTS_DIR, toyworld_spec
+        return toyworld_spec(options.get("weights", WEIGHTS_DIR))
+    if name == "aether":
+        from hero.models.aether import AETHER_SPEC
+        sizes = {key: int(options[key]) for key in ("height", "width") if key in options}
+        return dataclasses.replace(AETHER_SPEC, **sizes)
+    raise ValueError(f"model: unknown {name!r}; choose from {sorted(MODELS)}")
+
+
 def load_model(name: str, **options) -> WorldModel:
     """Build the world model registered as ``name`` ("tiny", "toyworld", "aether")."""
     if name not in MODELS:
@@ -32,4 +54,4 @@ def load_model(name: str, **options) -> WorldModel:
     return MODELS[name](**options)
 
 
-__all__ = ["MODELS", "TASKS", "Rollout", "RolloutRequest", "WorldModel", "load_model"]
+__all__ = ["MODELS", "TASKS", "Rollout", "RolloutRequest", "WorldModel", "load_model", "model_spec"]

@@ -55,12 +55,14 @@ def build_components(num_layers: int = TRANSFORMER_CONFIG["num_layers"], heads: 
     return vae, transformer, CogVideoXDDIMScheduler(**SCHEDULER_CONFIG), prompt
 
 
+TINY_SPEC = dataclasses.replace(TOYWORLD_SPEC, name="tiny", revision="random-seed0",
+                                default_steps={"prediction": 4, "planning": 4, "reconstruction": 2})
+
+
 def load_tiny(device: str = "cpu", **_: object) -> CogVideoXWorldModel:
     """A tiny random toyworld-shaped model (4 blocks, narrow VAE): for tests of everything but quality."""
     vae, transformer, scheduler, prompt = build_components(num_layers=4, heads=2, vae_channels=(8, 16, 16))
-    spec = dataclasses.replace(TOYWORLD_SPEC, name="tiny", revision="random-seed0",
-                               default_steps={"prediction": 4, "planning": 4, "reconstruction": 2})
-    return CogVideoXWorldModel(vae, transformer, scheduler, prompt, spec, device=device)
+    return CogVideoXWorldModel(vae, transformer, scheduler, prompt, TINY_SPEC, device=device)
 
 
 def load_toyworld(weights: str | Path = WEIGHTS_DIR, device: str = "cpu", **_: object
@@ -75,6 +77,10 @@ def load_toyworld(weights: str | Path = WEIGHTS_DIR, device: str = "cpu", **_: o
                                                               torch_dtype=torch.float32)
     scheduler = CogVideoXDDIMScheduler.from_pretrained(weights / "scheduler")
     prompt = load_file(weights / "prompt_embeds.safetensors")["prompt_embeds"]
-    info = json.loads((weights / "model.json").read_text())
-    spec = dataclasses.replace(TOYWORLD_SPEC, revision=info["revision"])
-    return CogVideoXWorldModel(vae, transformer, scheduler, prompt, spec, device=device)
+    return CogVideoXWorldModel(vae, transformer, scheduler, prompt, toyworld_spec(weights), device=device)
+
+
+def toyworld_spec(weights: str | Path = WEIGHTS_DIR) -> ModelSpec:
+    """toyworld's spec with the revision of the weights in ``weights`` (read from model.json only)."""
+    info = json.loads((Path(weights) / "model.json").read_text())
+    return dataclasses.replace(TOYWORLD_SPEC, revision=info["revision"])
