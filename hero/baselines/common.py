@@ -16,6 +16,7 @@ from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHo
 from torch import nn
 
 from hero.cache.adapters import BlockAdapter, bind_model_inputs
+from hero.cache.hooks import drop_empty_registries
 
 FULL, PARTIAL, REUSE = "full", "partial", "reuse"
 
@@ -145,8 +146,7 @@ def unregister(transformer: nn.Module, adapter: BlockAdapter, names: tuple[str, 
     for name in names:
         registry.remove_hook(name, recurse=True)
     registry.invalidate_child_registries_cache()
-    for module in [transformer, *adapter.blocks(transformer)]:
-        _drop_empty_registry(module)
+    drop_empty_registries([transformer, *adapter.blocks(transformer)])
 
 
 def find_hook(transformer: nn.Module, name: str) -> ModelHook | None:
@@ -167,15 +167,3 @@ def summarize_states(states: dict[str, StepState]) -> dict[str, Any]:
                        sum(s.nbytes for s in states.values()))
     summary["contexts"] = contexts
     return summary
-
-
-def _drop_empty_registry(module: nn.Module) -> None:
-    """Undo what an empty diffusers hook registry left on ``module`` (its forward wrapper)."""
-    registry = module.__dict__.get("_diffusers_hook")
-    if registry is None or registry.hooks:
-        return
-    del module._diffusers_hook
-    forward = module.__dict__.get("forward")
-    if getattr(forward, "__self__", None) is module and \
-            getattr(forward, "__func__", None) is type(module).forward:
-        del module.forward
