@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
 import tarfile
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from pipeline import sink
+from pipeline import faults, sink
 from pipeline.config import ConfigError, JobConfig
 from pipeline.plan import Unit, mismatched_unit, plan_units
 from pipeline.samples import FIELDS, decode_sample
@@ -170,6 +171,8 @@ class UnitCommitter:
         record = {"rows": unit.rows(), "errors": errors, "stats": unit_stats(metas)}
         marker = sink.commit_unit(self.store, number, samples, record)
         self.progress.committed(marker)
+        if faults.inject("driver_kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
         return marker
 
     def finish(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

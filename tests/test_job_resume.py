@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 from conftest import REPO, run_job
 
@@ -35,18 +34,10 @@ def test_killed_driver_resumes_to_exactly_the_expected_keys(ray_head, tmp_path):
     args = ["--input", str(manifest), "--output", str(output), "--steps", "1", "--rows-per-shard", "1"]
     env = dict(ray_head.env, HERO_FAULT_DIR=str(tmp_path / "faults"))
 
-    driver = subprocess.Popen(["nice", "-n", "10", sys.executable, str(REPO / "jobs" / "generate.py"), *args],
-                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 900
-    while time.time() < deadline and driver.poll() is None:
-        markers = list((output / "_markers").glob("unit-*.json")) if (output / "_markers").exists() else []
-        if markers:
-            break
-        time.sleep(0.2)
-    assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    driver.stdout.close()
+    killed = subprocess.run(["nice", "-n", "10", sys.executable, str(REPO / "jobs" / "generate.py"), *args],
+                            env=dict(env, HERO_FAULT_DRIVER_KILL="1"), cwd=REPO, capture_output=True,
+                            text=True, timeout=900)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
 
     committed_before = {p.name: json.loads(p.read_text()) for p in (output / "_markers").glob("unit-*.json")}
     assert 1 <= len(committed_before) < ROWS
