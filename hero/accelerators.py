@@ -10,6 +10,8 @@
   ``"cond_uncond"`` call approximated from the conditional one);
 - ``fbc``, ``fbc-fast``: diffusers' First Block Cache;
 - ``taylorseer``, ``taylorseer-fast``: diffusers' TaylorSeer cache;
+- ``fora``, ``fora-n3``: FORA-style whole-block reuse (:mod:`hero.baselines.fora`);
+- ``toca``, ``duca``: ToCa/DuCa-style token refresh (:mod:`hero.baselines.toca`);
 - ``magcache``: diffusers' MagCache. It needs per-step magnitude ratios (``mag_ratios`` or a
   ``calibration_path`` JSON); without them the first generation is a calibration run (nothing
   skipped, ratios recorded and written to ``calibration_path``) and later generations use MagCache.
@@ -34,6 +36,8 @@ from diffusers.hooks.hooks import (BaseState, CacheContext, HookRegistry, ModelH
                                    StateManager, _set_cache_context)
 from torch import nn
 
+from hero.baselines import (FORA_PRESETS, TOCA_PRESETS, ForaConfig, TocaConfig, apply_fora,
+                            apply_toca, fora_stats, remove_fora, remove_toca, toca_stats)
 from hero.cache.adapters import BlockAdapter, adapter_for, bind_model_inputs
 from hero.cache.config import HeroConfig
 from hero.cache.hooks import apply_hero, drop_empty_registries, remove_hero, reset_hero
@@ -309,6 +313,25 @@ def _load_mag_ratios(options: dict[str, Any]) -> list[float] | None:
     return None
 
 
+class _BaselineAccelerator(Accelerator):
+    """FORA or ToCa/DuCa behind the :class:`~hero.accelerators.Accelerator` interface."""
+
+    def __init__(self, name: str, transformer: nn.Module, options: dict[str, Any],
+                 config_class: type, apply: Callable, remove: Callable, stats: Callable) -> None:
+        super().__init__(name, transformer, options)
+        self._remove, self._stats_of = remove, stats
+        apply(transformer, config_class(**options))
+
+    def _stats(self) -> dict[str, Any]:
+        return self._stats_of(self.transformer)
+
+    def reset(self) -> None:
+        HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks()
+
+    def remove(self) -> None:
+        self._remove(self.transformer)
+
+
 def _model_dtype(transformer: nn.Module) -> torch.dtype:
     return next(transformer.parameters()).dtype
 
@@ -384,6 +407,14 @@ class AcceleratorSpec:
         return {**self.defaults, **overrides}
 
 
+def _baseline_spec(description: str, preset: dict[str, Any], config_class: type,
+                   apply: Callable, remove: Callable, stats: Callable) -> AcceleratorSpec:
+    build = lambda name, transformer, options: _BaselineAccelerator(
+        name, transformer, options, config_class, apply, remove, stats)
+    return AcceleratorSpec(description, dict(preset), build,
+                           tuple(config_class.__dataclass_fields__))
+
+
 def _hero(preset: str) -> Callable[[str, nn.Module, dict[str, Any]], Accelerator]:
     return lambda name, transformer, options: _HeroAccelerator(name, transformer, options, preset)
 
@@ -437,6 +468,17 @@ ACCELERATORS: dict[str, AcceleratorSpec] = {
                                 _MAGCACHE,
                                 lambda name, transformer, options: _MagCacheAccelerator(
                                     name, transformer, options)),
+    "fora": _baseline_spec("FORA: every block's cached residual reused on every other step",
+                           FORA_PRESETS["fora"], ForaConfig, apply_fora, remove_fora, fora_stats),
+    "fora-n3": _baseline_spec("FORA: every block recomputed every third step, reused otherwise",
+                              FORA_PRESETS["fora-n3"], ForaConfig, apply_fora, remove_fora,
+                              fora_stats),
+    "toca": _baseline_spec("ToCa: every third step full; in between every block refreshes the "
+                           "25% of tokens with the best attention/staleness/spatial score",
+                           TOCA_PRESETS["toca"], TocaConfig, apply_toca, remove_toca, toca_stats),
+    "duca": _baseline_spec("DuCa: every third step full; in between, a step refreshing 25% random "
+                           "tokens per block, then a step reusing every block",
+                           TOCA_PRESETS["duca"], TocaConfig, apply_toca, remove_toca, toca_stats),
 }
 
 

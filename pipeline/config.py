@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.manifest import SAFE_ID, SAFE_ID_RULE
 from pipeline.storage import is_local_uri, redact
 
-DEFAULT_MODEL = "tiny"  # the embedded default's world model: "toyworld" once its weights ship
+DEFAULT_MODEL = "toyworld"  # the embedded default's world model: trained here, shipped in the package
 DEFAULT_OUTPUT_ROOT = "~/hero-rollouts"
 FINGERPRINT_KEYS = ("input", "limit", "model", "accel", "generate.steps", "sink.rows_per_shard")
 

@@ -4,7 +4,9 @@
     python -m pipeline.examples --rows 100 --out manifest.parquet --tasks prediction
     python -m pipeline.examples --rows 4 --bad --out with-bad-rows.jsonl
 
-The shipped default manifest (``pipeline/data/default.jsonl``) is ``--rows 8 --seed 0``.
+The shipped default manifest (``pipeline/data/default.jsonl``) is written by
+``python -m pipeline.examples --default --out pipeline/data/default.jsonl``: two long prediction
+rollouts of :data:`LONG_FRAMES` frames (chained chunks), then six 17-frame rows of mixed tasks.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from hero.models.toyworld.world import Trajectory
 from pipeline.sources import NESTED_FIELDS
 
 TASK_MIX = ("prediction", "prediction", "prediction", "prediction", "prediction", "planning", "reconstruction")
+LONG_FRAMES = 113
 
 
 def example_rows(rows: int, seed: int = 0, tasks: tuple[str, ...] = TASK_MIX, frames: int | None = None,
@@ -92,6 +95,12 @@ def _parquet_value(key: str, value: Any) -> Any:
     return json.dumps(value) if key in NESTED_FIELDS and value is not None else value
 
 
+def default_rows() -> list[dict[str, Any]]:
+    """The embedded default manifest: long rollouts first (the preview shows them), then short ones."""
+    long = example_rows(2, seed=1, tasks=("prediction",), frames=LONG_FRAMES, prefix="long")
+    return long + example_rows(6, seed=0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.examples", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=8, help="valid rows to write (default 8)")
@@ -99,11 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", help="comma-separated tasks to cycle through (default: mostly prediction, "
                         "one planning and one reconstruction row in seven)")
     parser.add_argument("--frames", type=int, help="frames per rollout (default: the model's)")
+    parser.add_argument("--default", action="store_true", help="write the embedded default manifest")
     parser.add_argument("--bad", action="store_true", help="append one bad row of every kind (JSONL only)")
     parser.add_argument("--out", required=True, help="output file: .jsonl or .parquet, any fsspec URL")
     args = parser.parse_args(argv)
     tasks = tuple(t for t in args.tasks.split(",") if t) if args.tasks else TASK_MIX
-    rows = example_rows(args.rows, args.seed, tasks, args.frames)
+    rows = default_rows() if args.default else example_rows(args.rows, args.seed, tasks, args.frames)
     if args.bad:
         if args.out.endswith(".parquet"):
             parser.error("--bad writes malformed JSON lines: use a .jsonl output")

@@ -52,10 +52,11 @@ class TrainConfig:
     vae_batch: int = 4
     vae_window: int = 9  # 1 + 4n frames with n even: the causal VAE decodes odd latent counts exactly
     vae_lr: float = 5e-4
-    dit_steps: int = 6000
+    dit_steps: int = 8000
     dit_batch: int = 16
     dit_lr: float = 3e-4
     dit_warmup: int = 200
+    dit_decay_from: int = 3000  # the learning rate falls on a cosine from here to zero at dit_steps
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
     task_mix: tuple[float, float, float] = (0.6, 0.2, 0.2)  # prediction, planning, reconstruction
@@ -107,9 +108,13 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module],
 class LossLog:
     """Append-only CSV of (step, loss, lr, seconds) that survives restarts."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resume_from: int = 0) -> None:
         self.path = path
         self.started = time.time()
+        if path.exists():
+            rows = path.read_text().splitlines()
+            kept = rows[:1] + [r for r in rows[1:] if int(r.split(",")[0]) <= resume_from]
+            path.write_text("".join(r + "\n" for r in kept))
 
     def write(self, step: int, loss: float, lr: float) -> None:
         new = not self.path.exists()
@@ -164,7 +169,7 @@ def vae_stage(cfg: TrainConfig, vae: torch.nn.Module) -> None:
     step = load_checkpoint(ckpt, {"vae": vae}, optimizer)
     if step >= cfg.vae_steps:
         return
-    clips, rng, losses = load_clips(cfg), np.random.default_rng(cfg.seed + step), LossLog(cfg.workdir / "vae_loss.csv")
+    clips, rng, losses = load_clips(cfg), np.random.default_rng(cfg.seed + step), LossLog(cfg.workdir / "vae_loss.csv", step)
     vae.train()
     bar = tqdm(range(step, cfg.vae_steps), desc="vae", initial=step, total=cfg.vae_steps)
     for step in bar:
@@ -242,13 +247,13 @@ def dit_stage(cfg: TrainConfig, model: CogVideoXWorldModel) -> None:
         model.transformer = debiased_ema(ema, cfg, step)
         return
     latents = load_file(str(cfg.workdir / "latents.safetensors"))
-    rng, losses = np.random.default_rng(cfg.seed + 1 + step), LossLog(cfg.workdir / "dit_loss.csv")
+    rng, losses = np.random.default_rng(cfg.seed + 1 + step), LossLog(cfg.workdir / "dit_loss.csv", step)
     scheduler = model.scheduler
     rotary = model._rotary(latents["rgb"].shape[1])
     text = model.prompt_embeds.expand(cfg.dit_batch, -1, -1)
     bar = tqdm(range(step, cfg.dit_steps), desc="transformer", initial=step, total=cfg.dit_steps)
     for step in bar:
-        lr = cfg.dit_lr * min(1.0, (step + 1) / cfg.dit_warmup)
+        lr = dit_lr_at(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x0, condition = training_batch(latents, rng, cfg)
@@ -272,6 +277,15 @@ def dit_stage(cfg: TrainConfig, model: CogVideoXWorldModel) -> None:
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.dit_steps:
             save_checkpoint(ckpt, step + 1, {"transformer": transformer, "ema": ema}, optimizer)
     model.transformer = debiased_ema(ema, cfg, step + 1)
+
+
+def dit_lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, constant, then a cosine fall to zero over the last steps (sharpens low-noise denoising)."""
+    warm = min(1.0, (step + 1) / cfg.dit_warmup)
+    if step < cfg.dit_decay_from:
+        return cfg.dit_lr * warm
+    progress = (step - cfg.dit_decay_from) / max(1, cfg.dit_steps - cfg.dit_decay_from)
+    return cfg.dit_lr * warm * 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress)))
 
 
 def debiased_ema(ema: torch.nn.Module, cfg: TrainConfig, steps: int) -> torch.nn.Module:
