@@ -29,6 +29,7 @@ import torch
 from hero.accelerators import apply_accelerator
 from hero.models import load_model
 from hero.models.base import RolloutRequest
+from hero.rollout import generate_any_length
 from pipeline.cli import load
 from pipeline.config import JobConfig
 from pipeline.loader import rollout_dataset
@@ -103,7 +104,7 @@ def time_plain_loop(config: JobConfig, requests: list[RolloutRequest]) -> dict[s
     batch_s = []
     for start in range(0, len(requests), batch):
         started = time.perf_counter()
-        model.generate(requests[start: start + batch])
+        generate_any_length(model, requests[start: start + batch])
         batch_s.append(time.perf_counter() - started)
     accelerator.remove()
     return {"model_s": sum(batch_s), "batch_s": batch_s, "model_load_s": load_s,

@@ -218,6 +218,20 @@ def rollout_long_batch(model: WorldModel, requests: list[RolloutRequest],
     return rollouts
 
 
+def generate_any_length(model: WorldModel, requests: list[RolloutRequest],
+                        config: ChainConfig | None = None) -> list[Rollout]:
+    """Requests of a length the model takes go to ``model.generate`` in one call; longer ones are
+    chained (:func:`rollout_long_batch`). Results come back in the order of ``requests``."""
+    chained = [i for i, r in enumerate(requests) if r.frames not in model.frame_options]
+    direct = [i for i in range(len(requests)) if i not in chained]
+    out: dict[int, Rollout] = {}
+    if direct:
+        out.update(zip(direct, model.generate([requests[i] for i in direct])))
+    if chained:
+        out.update(zip(chained, rollout_long_batch(model, [requests[i] for i in chained], config)))
+    return [out[i] for i in range(len(requests))]
+
+
 def rollout_long(model: WorldModel, first_image: np.ndarray, c2w: np.ndarray,
                  k: np.ndarray | None = None, *, config: ChainConfig | None = None,
                  steps: int | None = None, guidance: float | None = None, seed: int = 0,

@@ -25,7 +25,7 @@ from PIL import Image
 from hero import geometry
 from hero.models.base import Rollout, RolloutRequest
 from hero.models.toyworld import world
-from hero.rollout import rollout_long_batch
+from hero.rollout import generate_any_length
 from pipeline import faults
 from pipeline.manifest import ManifestRow, RowError
 from pipeline.samples import encode_sample
@@ -290,14 +290,7 @@ class GenerateRollouts:
 
     def _run(self, requests: list[RolloutRequest]) -> list[Rollout]:
         """Generate; requests longer than the model's clips are chained (``hero.rollout``)."""
-        chained = [i for i, r in enumerate(requests) if r.frames not in self.model.frame_options]
-        direct = [i for i in range(len(requests)) if i not in chained]
-        out: dict[int, Rollout] = {}
-        if direct:
-            out.update(zip(direct, self.model.generate([requests[i] for i in direct])))
-        if chained:
-            out.update(zip(chained, rollout_long_batch(self.model, [requests[i] for i in chained])))
-        return [out[i] for i in range(len(requests))]
+        return generate_any_length(self.model, requests)
 
     def _generate_one(self, request: RolloutRequest, item: dict[str, Any]) -> Rollout | None:
         """Retry one request alone so a bad row fails by itself, not its whole batch."""

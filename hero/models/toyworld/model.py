@@ -33,9 +33,12 @@ TRANSFORMER_CONFIG = dict(
     use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False,
 )
 
+# toyworld predicts the clean latents ("sample"), not v as Aether does: its 128-wide transformer
+# projects each token back to 56 x 2 x 2 = 224 latent values, a rank-128 map that can express clean
+# latents (smooth, low-rank) but not the full-rank noise that v holds at low noise levels.
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=1.0,
+    prediction_type="sample", rescale_betas_zero_snr=True, snr_shift_scale=1.0,
     timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True,
 )
 

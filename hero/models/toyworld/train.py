@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from hero import geometry
 from hero.models.cogvideox_world import (
+    RGB_CHANNELS,
     CogVideoXWorldModel,
     build_condition,
     fold_raymap,
@@ -57,6 +58,9 @@ class TrainConfig:
     dit_lr: float = 3e-4
     dit_warmup: int = 200
     dit_decay_from: int = 3000  # the learning rate falls on a cosine from here to zero at dit_steps
+    x0_from: int = 4400  # v-prediction before this step, clean-latent (x0) prediction from it on
+    camera_weight: float = 10.0  # from camera_weight_from on, the raymap channels weigh this much more
+    camera_weight_from: int = 6000
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
     task_mix: tuple[float, float, float] = (0.6, 0.2, 0.2)  # prediction, planning, reconstruction
@@ -237,7 +241,8 @@ def training_batch(latents: dict[str, torch.Tensor], rng: np.random.Generator, c
 
 
 def dit_stage(cfg: TrainConfig, model: CogVideoXWorldModel) -> None:
-    """Train the transformer with v-prediction on mixed tasks; keeps an EMA copy for export."""
+    """Train the transformer on mixed tasks, v-prediction then x0-prediction (see ``x0_from``);
+    keeps an EMA copy for export."""
     ckpt = cfg.workdir / "dit.safetensors"
     transformer = model.transformer.train()
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
@@ -260,10 +265,10 @@ def dit_stage(cfg: TrainConfig, model: CogVideoXWorldModel) -> None:
         noise = torch.randn_like(x0)
         t = torch.from_numpy(rng.integers(0, scheduler.config.num_train_timesteps, cfg.dit_batch))
         noisy = scheduler.add_noise(x0, noise, t)
-        target = scheduler.get_velocity(x0, noise, t)
+        target = x0 if step >= cfg.x0_from else scheduler.get_velocity(x0, noise, t)
         pred = transformer(hidden_states=torch.cat([noisy, condition], dim=2), encoder_hidden_states=text,
                            timestep=t, image_rotary_emb=rotary, return_dict=False)[0]
-        loss = F.mse_loss(pred, target)
+        loss = weighted_mse(pred, target, channel_weights(cfg, step, target.shape[2]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -277,6 +282,22 @@ def dit_stage(cfg: TrainConfig, model: CogVideoXWorldModel) -> None:
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.dit_steps:
             save_checkpoint(ckpt, step + 1, {"transformer": transformer, "ema": ema}, optimizer)
     model.transformer = debiased_ema(ema, cfg, step + 1)
+
+
+def channel_weights(cfg: TrainConfig, step: int, channels: int) -> torch.Tensor:
+    """Per-latent-channel loss weights: the raymap channels (after RGB and disparity) count
+    ``camera_weight`` times from ``camera_weight_from`` on, so the small camera signal is copied
+    through the narrow transformer instead of being traded for image detail."""
+    weights = torch.ones(channels)
+    if step >= cfg.camera_weight_from:
+        weights[2 * RGB_CHANNELS:] = cfg.camera_weight
+    return weights
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """MSE over (B, T, C, h, w) with per-channel weights, normalised to the unweighted scale."""
+    per_channel = (pred - target).pow(2).mean(dim=(0, 1, 3, 4))
+    return (per_channel * weights).sum() / weights.sum()
 
 
 def dit_lr_at(cfg: TrainConfig, step: int) -> float:
