@@ -384,22 +384,27 @@ def train(cfg: TrainConfig) -> None:
         export_stage(cfg, model)
 
 
-def plot_losses(workdir: Path, out: Path) -> None:
-    """Plot the VAE and transformer loss curves recorded in ``workdir`` to a PNG."""
+def plot_losses(cfg: TrainConfig, out: Path) -> None:
+    """Plot the VAE and transformer loss curves recorded in ``cfg.workdir`` to a PNG, with the
+    transformer's objective switches marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, stage in zip(axes, ("vae", "dit")):
-        rows = list(csv.DictReader((workdir / f"{stage}_loss.csv").open()))
+        rows = list(csv.DictReader((cfg.workdir / f"{stage}_loss.csv").open()))
         steps = np.array([int(r["step"]) for r in rows])
         loss = np.array([float(r["loss"]) for r in rows])
         window = max(1, len(loss) // 30)
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
         ax.plot(steps, loss, alpha=0.3, label="every 20 steps")
         ax.plot(steps[window - 1:], smooth, label=f"moving mean ({window})")
-        ax.set(title={"vae": "VAE (L1 + MSE)", "dit": "transformer (v-prediction MSE)"}[stage],
+        if stage == "dit":
+            ax.axvline(cfg.x0_from, color="grey", linestyle="--", label=f"x0 objective from {cfg.x0_from}")
+            ax.axvline(cfg.camera_weight_from, color="grey", linestyle=":",
+                       label=f"camera x{cfg.camera_weight:g} from {cfg.camera_weight_from}")
+        ax.set(title={"vae": "VAE (L1 + MSE)", "dit": "transformer (v, then x0 MSE)"}[stage],
                xlabel="step", yscale="log")
         ax.legend()
     fig.tight_layout()
@@ -424,4 +429,4 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = parse_args()
     train(config)
-    plot_losses(config.workdir, config.workdir / "loss.png")
+    plot_losses(config, config.workdir / "loss.png")
