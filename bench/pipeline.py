@@ -49,12 +49,12 @@ def job_config(workdir: Path, args: list[str]) -> JobConfig:
 
 def time_job(config: JobConfig) -> dict[str, Any]:
     """Run the job in this process; wall time, its summary, and per-stage seconds from the samples."""
-    started = time.perf_counter()
+    started_at, started = time.time(), time.perf_counter()
     status = run_job(config)
     wall = time.perf_counter() - started
     summary = json.loads((Path(config.output) / "summary.json").read_text())
-    timings = [sample["meta"].get("timings", {})
-               for sample in rollout_dataset(config.output, split=False)]
+    metas = [sample["meta"] for sample in rollout_dataset(config.output, split=False)]
+    timings = [meta.get("timings", {}) for meta in metas]
     stages = {stage: sum(float(t.get(stage, 0.0)) for t in timings) for stage in STAGES}
     stages["model_total_s"] = sum(float(t.get("total_s", 0.0)) for t in timings)
     stages["model_sampling_s"] = sum(float(t.get("sampling_s", 0.0)) for t in timings)
@@ -62,7 +62,20 @@ def time_job(config: JobConfig) -> dict[str, Any]:
             "frames": summary["frames"], "failures": summary["failures"],
             "rollouts_per_min": 60 * summary["this_run"]["rollouts"] / wall,
             "frames_per_s": summary["this_run"]["frames"] / wall, "stages": stages,
-            "actors": config.generate.actors, "batch_size": config.generate.batch_size}
+            "actors": config.generate.actors, "batch_size": config.generate.batch_size,
+            "milestones": milestones(config, metas, started_at, wall)}
+
+
+def milestones(config: JobConfig, metas: list[dict[str, Any]], started_at: float, wall: float
+               ) -> dict[str, float]:
+    """When the first actor was ready (its ``__init__`` seconds too) and how long the driver ran
+    after the last unit's commit (errors, summary, index, preview, Ray shutdown)."""
+    actors = {json.dumps(m["actor"], sort_keys=True): m["actor"] for m in metas if "actor" in m}
+    markers = [json.loads(p.read_text()) for p in (Path(config.output) / "_markers").glob("unit-*.json")]
+    last_commit = max(float(m["committed_at"]) for m in markers)
+    return {"first_actor_ready_s": min(a["ready_at"] for a in actors.values()) - started_at,
+            "actor_init_s": max(a["init_s"] for a in actors.values()),
+            "after_last_commit_s": started_at + wall - last_commit}
 
 
 def job_requests(config: JobConfig) -> list[RolloutRequest]:
@@ -127,12 +140,13 @@ def overhead(job: dict[str, Any], half: dict[str, Any], plain: dict[str, Any], r
              ) -> dict[str, Any]:
     """The job's wall time beyond the plain loop's, as a ratio of model time, and where it went.
 
-    ``steady_ratio`` leaves out the fixed start-up a longer job pays once (Ray start/stop, model
-    load): what remains grows with the number of rollouts.
+    ``steady_ratio`` leaves out what a job pays once, whatever its length: the time until its first
+    actor is ready (Ray start, worker spawn, imports, model load) and the finish after its last
+    commit (summary, index, preview, Ray shutdown). What remains grows with the number of rollouts.
     """
-    stages = job["stages"]
+    stages, marks = job["stages"], job["milestones"]
     outside = job["wall_s"] - stages["generate_s"] / job["actors"]
-    fixed = ray_start_s + plain["model_load_s"]
+    fixed = marks["first_actor_ready_s"] + marks["after_last_commit_s"]
     return {"ratio": job["wall_s"] / plain["model_s"] - 1.0,
             "extra_s": job["wall_s"] - plain["model_s"],
             "steady_ratio": (job["wall_s"] - fixed) / plain["model_s"] - 1.0,
@@ -140,7 +154,8 @@ def overhead(job: dict[str, Any], half: dict[str, Any], plain: dict[str, Any], r
             "generate_stage_beyond_model_s": stages["generate_s"] - stages["model_total_s"],
             "prep_busy_s": stages["prep_s"], "encode_busy_s": stages["encode_s"],
             "outside_stages_s": outside, "ray_start_stop_s": ray_start_s,
-            "model_load_s": plain["model_load_s"], "outside_remaining_s": outside - fixed}
+            "first_actor_ready_s": marks["first_actor_ready_s"], "actor_init_s": marks["actor_init_s"],
+            "after_last_commit_s": marks["after_last_commit_s"], "outside_remaining_s": outside - fixed}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -160,12 +175,16 @@ def markdown(result: dict[str, Any]) -> str:
              f"| prep stage busy (render/decode inputs), summed | {over['prep_busy_s']:.2f} |",
              f"| encode stage busy (mp4, npz, meta), summed | {over['encode_busy_s']:.2f} |",
              f"| outside the generate stage | {over['outside_stages_s']:.2f} |",
-             f"| … Ray start and stop (measured alone) | {over['ray_start_stop_s']:.2f} |",
-             f"| … model load + accelerator (measured alone; an actor does it once) | "
-             f"{over['model_load_s']:.2f} |",
-             f"| … the rest: actor start, scheduling, commit, index, summary, preview | "
+             f"| … until the first actor is ready: Ray start, Ray Data planning, worker spawn, "
+             f"imports, model load | {over['first_actor_ready_s']:.2f} |",
+             f"| …… Ray start and stop, measured alone | {over['ray_start_stop_s']:.2f} |",
+             f"| …… the actor's `__init__` (torch/diffusers imports, model load, accelerator) | "
+             f"{over['actor_init_s']:.2f} |",
+             f"| … after the last commit: errors, summary, index, preview, Ray shutdown | "
+             f"{over['after_last_commit_s']:.2f} |",
+             f"| … the rest: encode tasks, commits, the actor waiting between batches | "
              f"{over['outside_remaining_s']:.2f} |",
-             f"| overhead without the fixed start-up (Ray, model load) | "
+             f"| overhead without the fixed start-up and finish | "
              f"{100 * over['steady_ratio']:.1f}% of model time |",
              f"| overhead per extra rollout (job of {result['half']['rollouts']} rows vs "
              f"{job['rollouts']}: fixed costs cancel) | {_percent(over['marginal_ratio'])} |",

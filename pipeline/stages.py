@@ -243,6 +243,7 @@ class GenerateRollouts:
 
     def __init__(self, model: str, model_options: dict[str, Any], accel: str, accel_options: dict[str, Any],
                  steps: int | None) -> None:
+        started = time.time()
         from hero.accelerators import apply_accelerator
         from hero.models import load_model
 
@@ -255,6 +256,7 @@ class GenerateRollouts:
         self.accelerator = apply_accelerator(self.model.transformer, accel, **accel_options)
         self.steps = steps
         self.metrics = RolloutMetrics(model, accel)
+        self.startup = {"init_s": time.time() - started, "ready_at": time.time()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [dict(item, rollout=b"") for item in _rows(batch)]
@@ -282,7 +284,7 @@ class GenerateRollouts:
                 continue
             meta = json.loads(item["meta"] or "{}")
             timings = dict(rollout.meta.get("timings", {}), **meta.get("timings", {}), generate_s=seconds)
-            meta = dict(rollout.meta, timings=timings,
+            meta = dict(rollout.meta, timings=timings, actor=self.startup,
                         accelerator={"name": self.accel_name, "options": self.accel_options, "stats": stats})
             item["rollout"] = pack({"rgb": rollout.rgb, "depth": rollout.depth, "k": rollout.k, "c2w": rollout.c2w,
                                     "actions": rollout.actions, "depth_is_metric": np.array(rollout.depth_is_metric)})

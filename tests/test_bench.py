@@ -163,12 +163,13 @@ def test_pipeline_overhead_arithmetic():
 
     stages = {"prep_s": 0.4, "generate_s": 9.0, "encode_s": 0.6, "model_total_s": 8.5,
               "model_sampling_s": 6.0}
-    job = {"wall_s": 20.0, "rollouts": 4, "actors": 1, "stages": stages}
+    job = {"wall_s": 20.0, "rollouts": 4, "actors": 1, "stages": stages,
+           "milestones": {"first_actor_ready_s": 7.0, "actor_init_s": 1.5, "after_last_commit_s": 2.0}}
     half = {"wall_s": 14.0, "rollouts": 2}
     plain = {"model_s": 8.0, "batch_s": [2.0, 2.0, 2.0, 2.0], "batch_size": 1, "model_load_s": 1.0}
     result = overhead(job, half, plain, ray_start_s=5.0)
     assert result["ratio"] == pytest.approx(1.5) and result["extra_s"] == pytest.approx(12.0)
-    assert result["steady_ratio"] == pytest.approx((20.0 - 6.0) / 8.0 - 1.0)
+    assert result["steady_ratio"] == pytest.approx((20.0 - 7.0 - 2.0) / 8.0 - 1.0)
     assert result["marginal_ratio"] == pytest.approx(6.0 / 4.0 - 1.0)
-    assert result["outside_remaining_s"] == pytest.approx(20.0 - 9.0 - 6.0)
+    assert result["outside_remaining_s"] == pytest.approx(20.0 - 9.0 - 7.0 - 2.0)
     assert marginal_overhead(job, {"wall_s": 14.0, "rollouts": 4}, plain) is None
