@@ -6,7 +6,8 @@
 
 The shipped default manifest (``pipeline/data/default.jsonl``) is written by
 ``python -m pipeline.examples --default --out pipeline/data/default.jsonl``: two long prediction
-rollouts of :data:`LONG_FRAMES` frames (chained chunks), then six 17-frame rows of mixed tasks.
+rollouts of :data:`LONG_FRAMES` frames (chained chunks), then six 17-frame rows: four predictions,
+one planning and one reconstruction.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def _parquet_value(key: str, value: Any) -> Any:
 def default_rows() -> list[dict[str, Any]]:
     """The embedded default manifest: long rollouts first (the preview shows them), then short ones."""
     long = example_rows(2, seed=1, tasks=("prediction",), frames=LONG_FRAMES, prefix="long")
-    return long + example_rows(6, seed=0)
+    short_tasks = ("prediction",) * 4 + ("planning", "reconstruction")
+    return long + example_rows(6, seed=0, tasks=short_tasks)
 
 
 def main(argv: list[str] | None = None) -> None:
