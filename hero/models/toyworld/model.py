@@ -75,9 +75,11 @@ def load_toyworld(weights: str | Path = WEIGHTS_DIR, device: str = "cpu", **_: o
     if not (weights / "transformer").is_dir():
         raise FileNotFoundError(f"no toyworld weights under {weights}; train them with "
                                 "`python -m hero.models.toyworld.train`")
-    vae = AutoencoderKLCogVideoX.from_pretrained(weights / "vae", torch_dtype=torch.float32)
+    vae = AutoencoderKLCogVideoX.from_pretrained(weights / "vae", torch_dtype=torch.float32,
+                                                low_cpu_mem_usage=False)
     transformer = CogVideoXTransformer3DModel.from_pretrained(weights / "transformer",
-                                                              torch_dtype=torch.float32)
+                                                              torch_dtype=torch.float32,
+                                                              low_cpu_mem_usage=False)
     scheduler = CogVideoXDDIMScheduler.from_pretrained(weights / "scheduler")
     prompt = load_file(weights / "prompt_embeds.safetensors")["prompt_embeds"]
     return CogVideoXWorldModel(vae, transformer, scheduler, prompt, toyworld_spec(weights), device=device)
