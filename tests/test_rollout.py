@@ -27,6 +27,7 @@ from hero.rollout import (
     depth_scale,
     extend_intrinsics,
     extend_path,
+    generate_any_length,
     rescale_depth,
     rollout_long,
     rollout_long_batch,
@@ -116,6 +117,19 @@ def commanded(tiny):
                 RolloutRequest(id="short", frames=17, image=short.rgb[0], c2w=short.c2w, k=short.k,
                                steps=1, seed=4)]
     return (long, short), rollout_long_batch(tiny, requests, ChainConfig(poses="commanded"))
+
+
+def test_any_length_sends_model_lengths_direct_and_chains_the_rest_in_request_order(tiny):
+    short, long = _clip(17, offset=2), _clip(20, offset=3)
+    requests = [RolloutRequest(id="short", frames=17, image=short.rgb[0], c2w=short.c2w, k=short.k,
+                               steps=1, seed=5),
+                RolloutRequest(id="long", frames=20, image=long.rgb[0], c2w=long.c2w, k=long.k,
+                               steps=1, seed=6)]
+    short_out, long_out = generate_any_length(tiny, requests)
+    direct = tiny.generate(requests[:1])[0]
+    np.testing.assert_array_equal(short_out.rgb, direct.rgb)
+    assert "chunks" not in short_out.meta
+    assert long_out.rgb.shape[0] == 20 and len(long_out.meta["chunks"]) == 2
 
 
 def test_commanded_poses_compose_back_to_the_commanded_path(commanded):

@@ -173,7 +173,8 @@ def vae_stage(cfg: TrainConfig, vae: torch.nn.Module) -> None:
     step = load_checkpoint(ckpt, {"vae": vae}, optimizer)
     if step >= cfg.vae_steps:
         return
-    clips, rng, losses = load_clips(cfg), np.random.default_rng(cfg.seed + step), LossLog(cfg.workdir / "vae_loss.csv", step)
+    clips, rng = load_clips(cfg), np.random.default_rng(cfg.seed + step)
+    losses = LossLog(cfg.workdir / "vae_loss.csv", step)
     vae.train()
     bar = tqdm(range(step, cfg.vae_steps), desc="vae", initial=step, total=cfg.vae_steps)
     for step in bar:
@@ -252,7 +253,8 @@ def dit_stage(cfg: TrainConfig, model: CogVideoXWorldModel) -> None:
         model.transformer = debiased_ema(ema, cfg, step)
         return
     latents = load_file(str(cfg.workdir / "latents.safetensors"))
-    rng, losses = np.random.default_rng(cfg.seed + 1 + step), LossLog(cfg.workdir / "dit_loss.csv", step)
+    rng = np.random.default_rng(cfg.seed + 1 + step)
+    losses = LossLog(cfg.workdir / "dit_loss.csv", step)
     scheduler = model.scheduler
     rotary = model._rotary(latents["rgb"].shape[1])
     text = model.prompt_embeds.expand(cfg.dit_batch, -1, -1)
