@@ -4,8 +4,8 @@ Runs the embedded job (``jobs/generate.py`` with no arguments: local Ray, the sh
 ``file://`` output) in this process, then a plain loop that calls the same model, with the same
 accelerator, on the same requests (built from the same manifest rows, untimed), with no Ray, no
 encoding and no I/O. Reports the pipeline's overhead as ``job wall / plain model time - 1``, with
-and without the fixed start-up a longer job pays once (Ray start and stop, model load, each also
-measured alone), and where the job's time goes per stage (prep, generate, encode: busy seconds
+and without what a job pays once whatever its length (until its first actor is ready, and after
+its last commit; Ray's start-up is also measured alone), and where the job's time goes per stage (prep, generate, encode: busy seconds
 summed over rows, read back from each sample's ``meta.json``); then the job's throughput for each
 number of actors and batch size asked for. Writes ``<out>/pipeline.json`` and ``<out>/pipeline.md``.
 """
@@ -30,12 +30,14 @@ from hero.accelerators import apply_accelerator
 from hero.models import load_model
 from hero.models.base import RolloutRequest
 from hero.rollout import generate_any_length
+from pipeline import sink
 from pipeline.cli import load
 from pipeline.config import JobConfig
 from pipeline.loader import rollout_dataset
-from pipeline.run import connect_ray, run as run_job
+from pipeline.run import connect_ray, open_store, run as run_job
 from pipeline.sources import read_manifest
 from pipeline.stages import model_geometry, prepare_row
+from pipeline.storage import Store
 
 STAGES = ("prep_s", "generate_s", "encode_s")
 log = logging.getLogger("bench.pipeline")
@@ -52,7 +54,8 @@ def time_job(config: JobConfig) -> dict[str, Any]:
     started_at, started = time.time(), time.perf_counter()
     status = run_job(config)
     wall = time.perf_counter() - started
-    summary = json.loads((Path(config.output) / "summary.json").read_text())
+    store = open_store(config)
+    summary = store.read_json(sink.SUMMARY_FILE)
     metas = [sample["meta"] for sample in rollout_dataset(config.output, split=False)]
     timings = [meta.get("timings", {}) for meta in metas]
     stages = {stage: sum(float(t.get(stage, 0.0)) for t in timings) for stage in STAGES}
@@ -63,18 +66,17 @@ def time_job(config: JobConfig) -> dict[str, Any]:
             "rollouts_per_min": 60 * summary["this_run"]["rollouts"] / wall,
             "frames_per_s": summary["this_run"]["frames"] / wall, "stages": stages,
             "actors": config.generate.actors, "batch_size": config.generate.batch_size,
-            "milestones": milestones(config, metas, started_at, wall)}
+            "milestones": milestones(store, metas, started_at, wall)}
 
 
-def milestones(config: JobConfig, metas: list[dict[str, Any]], started_at: float, wall: float
+def milestones(store: Store, metas: list[dict[str, Any]], started_at: float, wall: float
                ) -> dict[str, float]:
-    """When the first actor was ready (its ``__init__`` seconds too) and how long the driver ran
-    after the last unit's commit (errors, summary, index, preview, Ray shutdown)."""
-    actors = {json.dumps(m["actor"], sort_keys=True): m["actor"] for m in metas if "actor" in m}
-    markers = [json.loads(p.read_text()) for p in (Path(config.output) / "_markers").glob("unit-*.json")]
-    last_commit = max(float(m["committed_at"]) for m in markers)
-    return {"first_actor_ready_s": min(a["ready_at"] for a in actors.values()) - started_at,
-            "actor_init_s": max(a["init_s"] for a in actors.values()),
+    """When the first actor was ready (the longest actor ``__init__`` too) and how long the driver
+    ran after the last unit's commit (errors, summary, index, preview, Ray shutdown)."""
+    startups = [m["actor"] for m in metas if "actor" in m]
+    last_commit = max(float(m["committed_at"]) for m in sink.committed_units(store).values())
+    return {"first_actor_ready_s": min(a["ready_at"] for a in startups) - started_at,
+            "actor_init_s": max(a["init_s"] for a in startups),
             "after_last_commit_s": started_at + wall - last_commit}
 
 

@@ -256,7 +256,8 @@ class GenerateRollouts:
         self.accelerator = apply_accelerator(self.model.transformer, accel, **accel_options)
         self.steps = steps
         self.metrics = RolloutMetrics(model, accel)
-        self.startup = {"init_s": time.time() - started, "ready_at": time.time()}
+        ready = time.time()
+        self.startup = {"init_s": ready - started, "ready_at": ready}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [dict(item, rollout=b"") for item in _rows(batch)]
