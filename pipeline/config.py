@@ -44,9 +44,10 @@ class ModelConfig(_Section):
 
 
 class AccelConfig(_Section):
-    """Which accelerator the actors apply to the model's transformer (``none``, ``hero``, ...)."""
+    """Which accelerator the actors apply to the model's transformer: HERO's default preset unless
+    asked otherwise (``none`` for full compute, ``hero-fast``, diffusers' caches, ...)."""
 
-    name: str = "none"
+    name: str = "hero"
     options: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -31,8 +31,7 @@ from torch import nn
 from hero.baselines.common import (FULL, PARTIAL, REUSE, ContextStates, StepRootHook, StepState,
                                    find_hook, is_full_step, register, summarize_states,
                                    unregister)
-from hero.cache.adapters import (BlockAdapter, BlockInputs, adapter_for, gather_tokens,
-                                 scatter_tokens)
+from hero.cache.adapters import BlockAdapter, BlockInputs, adapter_for, reuse_residuals
 
 ROOT_HOOK = "toca_root"
 BLOCK_HOOK = "toca_block"
@@ -226,9 +225,7 @@ class TocaBlockHook(ModelHook):
                  index: torch.Tensor) -> Any:
         """Tokens ``index`` through the block (keys/values from every token); the rest reuse."""
         part = self.adapter.partial_forward(module, inputs, index, None, "sdpa")
-        x = inputs.hidden
-        hidden = scatter_tokens(x + cache.hidden, index, part.hidden)
-        cache.hidden = scatter_tokens(cache.hidden, index, part.hidden - gather_tokens(x, index))
+        hidden = reuse_residuals(inputs.hidden, cache.hidden, index, part)
         if part.encoder is not None:
             cache.encoder = part.encoder - inputs.encoder
         cache.staleness.add_(1.0).scatter_(1, index, 0.0)

@@ -31,9 +31,11 @@ class HeroConfig:
 
     ``split`` is ``k``: an int, ``"auto"`` (read from the probe's ``calibration_path`` JSON), or
     None (``round(L * shallow_fraction)``). ``kv_mode`` says where the keys/values of a partial
-    shallow block come from: ``"recompute_kv"`` projects all tokens of the block input (exact
-    attention for the refreshed queries); ``"cached_kv"`` recomputes keys/values of the refreshed
-    tokens only and reuses the cached ones of the rest (cheaper, staler). ``attention_backend`` is
+    shallow block come from: ``"cached_kv"`` (default) recomputes those of the refreshed and
+    condition tokens and reuses the ones cached for the rest (the same staleness as the reused
+    residuals; about 2.8x HERO's cache memory); ``"recompute_kv"`` projects every token of the
+    block input (exact attention for the refreshed queries, 2% more FLOPs at Aether's shape).
+    ``attention_backend`` is
     the kernel of the partial-step attention: ``"sdpa"`` (torch) or ``"flash"`` (flash-attn, CUDA,
     half precision).
     ``num_inference_steps`` is used only when the pipeline's ``cache_context`` does not carry it.
@@ -52,7 +54,7 @@ class HeroConfig:
     calibration_path: str | None = None
     rate_weight: float = 0.0
     rate_momentum: float = 0.5
-    kv_mode: str = "recompute_kv"
+    kv_mode: str = "cached_kv"
     attention_backend: str = "sdpa"
     num_inference_steps: int | None = None
     count_flops: bool = True
@@ -132,11 +134,11 @@ class HeroConfig:
 
 # FLOP ratios: Aether's shape, 50 steps (`python -m hero.cache.measure flops`)
 PRESETS: dict[str, dict[str, Any]] = {
-    # every other step PARTIAL, a quarter of the shallow tokens refreshed: 0.574 of full FLOPs
+    # every other step PARTIAL, a quarter of the shallow tokens refreshed: 0.563 of full FLOPs
     "default": dict(warmup_steps=2, final_full_steps=1, interval=2, rho=0.25, patch_size=(1, 2, 2)),
-    # two PARTIAL steps per FULL step: 0.431 of full FLOPs
+    # two PARTIAL steps per FULL step: 0.417 of full FLOPs
     "fast": dict(warmup_steps=2, final_full_steps=1, interval=3, rho=0.25, patch_size=(1, 2, 2)),
-    # longer warm-up and tail, half the shallow tokens refreshed: 0.643 of full FLOPs
+    # longer warm-up and tail, half the shallow tokens refreshed: 0.636 of full FLOPs
     "quality": dict(warmup_steps=4, final_full_steps=2, interval=2, rho=0.5, patch_size=(1, 2, 2)),
 }
 

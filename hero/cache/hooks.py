@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from hero.cache.adapters import (BlockAdapter, BlockInputs, KeyValue, adapter_for,
-                                 bind_model_inputs, gather_tokens, scatter_tokens)
+                                 bind_model_inputs, gather_tokens, reuse_residuals)
 from hero.cache.config import HeroConfig
 from hero.cache.extrapolate import ResidualHistory
 from hero.cache.refresh import RefreshTracker, build_layout
@@ -31,6 +31,7 @@ ROOT_HOOK = "hero_root"
 SHALLOW_HOOK = "hero_shallow_block"
 DEEP_HOOK = "hero_deep_block"
 HOOK_NAMES = (ROOT_HOOK, SHALLOW_HOOK, DEEP_HOOK)
+RateSample = tuple[torch.Tensor, torch.Tensor]  # refreshed tokens' old and new residuals
 
 
 class HeroState(BaseState):
@@ -80,9 +81,8 @@ class HeroRuntime:
     split: int
 
     def __post_init__(self) -> None:
-        self.partial_block = _partial_block
-        if self.config.compile:
-            self.partial_block = self.compiled(_partial_block)
+        self.kernels = {name: self.compiled(kernel) if self.config.compile else kernel
+                        for name, kernel in KERNELS.items()}
 
     def compiled(self, function: Any) -> Any:
         return torch.compile(function, dynamic=False, backend=self.config.compile_backend)
@@ -97,26 +97,36 @@ class HeroRuntime:
             hook.compiled_forward = self.compiled(hook.fn_ref.original_forward)
         return hook.compiled_forward(*args, **kwargs)
 
-    def partial_kernel(self, state: HeroState) -> Any:
-        return _partial_block if state.counting else self.partial_block
+    def kernel(self, name: str, state: HeroState) -> Any:
+        """HERO's own block function ``name``: compiled when asked, eager while counting."""
+        return KERNELS[name] if state.counting else self.kernels[name]
 
 
 def _partial_block(adapter: BlockAdapter, block: nn.Module, inputs: BlockInputs,
                    index: torch.Tensor, residual: torch.Tensor, key_value: KeyValue | None,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
-                                          KeyValue | None, torch.Tensor, torch.Tensor]:
-    """A shallow block on a PARTIAL step: refreshed tokens recomputed, others reuse ``residual``.
+                   backend: str, track_rate: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, KeyValue, RateSample | None]:
+    """A shallow block on a PARTIAL step: refreshed tokens recomputed, others reuse ``residual``
+    (brought up to date in place, like ``key_value`` when given).
 
-    Returns the block's video output, condition output, updated residual cache, updated key/value
-    cache, and the refreshed tokens' old and new residuals (for rate-of-change tracking).
+    Returns the block's video and condition outputs, the keys/values it attended, and with
+    ``track_rate`` the refreshed tokens' old and new residuals (for rate-of-change tracking).
     """
     part = adapter.partial_forward(block, inputs, index, key_value, backend)
-    x = inputs.hidden
-    old_sub = gather_tokens(residual, index)
-    new_sub = part.hidden - gather_tokens(x, index)
-    hidden = scatter_tokens(x + residual, index, part.hidden)
-    return hidden, part.encoder, scatter_tokens(residual, index, new_sub), part.key_value, \
-        old_sub, new_sub
+    rate = (gather_tokens(residual, index), part.residual) if track_rate else None
+    hidden = reuse_residuals(inputs.hidden, residual, index, part)
+    return hidden, part.encoder, part.key_value, rate
+
+
+def _keyed_full_block(adapter: BlockAdapter, block: nn.Module, inputs: BlockInputs, backend: str
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, KeyValue]:
+    """A shallow block on a FULL step in ``cached_kv`` mode: every token through HERO's block
+    function, which also hands back the keys/values. Returns outputs, residual, keys/values."""
+    part = adapter.partial_forward(block, inputs, None, None, backend)
+    return part.hidden, part.encoder, part.residual, part.key_value
+
+
+KERNELS = {kernel.__name__: kernel for kernel in (_partial_block, _keyed_full_block)}
 
 
 class HeroRootHook(ModelHook):
@@ -211,22 +221,22 @@ class HeroShallowBlockHook(ModelHook):
         state: HeroState = self.state_manager.get_state()
         adapter = self.runtime.adapter
         inputs = adapter.bind(args, kwargs)
-        partial_block = self.runtime.partial_kernel(state)
-        i = self.block_index
+        config = self.runtime.config
         if state.mode is StepMode.FULL:
-            if self.runtime.config.kv_mode == "cached_kv":
-                return self._full_with_key_values(module, state, inputs, partial_block)
+            if config.kv_mode == "cached_kv":
+                return self._full_with_key_values(module, state, inputs)
             output = self.runtime.run_full(self, state, args, kwargs)
             hidden, _ = adapter.split_output(output)
             self._store_full_residual(state, hidden - inputs.hidden)
             return output
-        hidden, encoder, state.shallow_residuals[i], key_value, old_sub, new_sub = partial_block(
+        i = self.block_index
+        hidden, encoder, key_value, rate = self.runtime.kernel("_partial_block", state)(
             adapter, module, inputs, state.index, state.shallow_residuals[i],
-            state.key_values.get(i), self.runtime.config.attention_backend)
-        if key_value is not None:
+            state.key_values.get(i), config.attention_backend, self.tracks_rate)
+        if config.kv_mode == "cached_kv":
             state.key_values[i] = key_value
-        if self.tracks_rate:
-            state.tracker.observe_change(state.index, old_sub, new_sub)
+        if rate is not None:
+            state.tracker.observe_change(state.index, *rate)
         return adapter.pack_output(hidden, encoder)
 
     def _store_full_residual(self, state: HeroState, residual: torch.Tensor) -> None:
@@ -235,18 +245,12 @@ class HeroShallowBlockHook(ModelHook):
             state.tracker.observe_change(None, previous, residual)
         state.shallow_residuals[self.block_index] = residual
 
-    def _full_with_key_values(self, module: nn.Module, state: HeroState, inputs: BlockInputs,
-                              partial_block: Any) -> Any:
+    def _full_with_key_values(self, module: nn.Module, state: HeroState, inputs: BlockInputs
+                              ) -> Any:
         """A FULL step in ``cached_kv`` mode: HERO's block over all tokens, keeping keys/values."""
-        x = inputs.hidden
-        everything = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-        heads = self.runtime.adapter.attention_heads(module)
-        empty = x.new_zeros(*x.shape[:2], heads, x.shape[2] // heads)
-        zero_residual = torch.zeros_like(x)
-        hidden, encoder, residual, key_value, _, _ = partial_block(
-            self.runtime.adapter, module, inputs, everything, zero_residual, (empty, empty),
-            self.runtime.config.attention_backend)
-        state.key_values[self.block_index] = key_value
+        hidden, encoder, residual, state.key_values[self.block_index] = self.runtime.kernel(
+            "_keyed_full_block", state)(self.runtime.adapter, module, inputs,
+                                        self.runtime.config.attention_backend)
         self._store_full_residual(state, residual)
         return self.runtime.adapter.pack_output(hidden, encoder)
 
