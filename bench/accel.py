@@ -133,19 +133,19 @@ def bench_workload(workload: Workload, methods: list[Method], settings: Settings
     log.info("%s: probe + warm-up", workload.name)
     coupling = coupling_profile(workload)
     reference = profile_method(workload, Method("full", "full"), device)
-    results = {"full": _row(Method("full", "full"), reference, reference, workload)}
+    results = {"full": method_row(Method("full", "full"), reference, reference, workload)}
     runs: dict[str, Method] = {}
     for method in methods:
         log.info("%s: profiling %s", workload.name, method.name)
         profile = profile_method(workload, method, device)
-        results[method.name] = _row(method, profile, reference, workload)
+        results[method.name] = method_row(method, profile, reference, workload)
         runs[method.name] = with_calibration(method, profile)
     if settings.steps_matched:
         ratios = {name: row["flops_ratio"] for name, row in results.items() if name != "full"}
         for method in steps_methods(ratios, workload.steps):
             log.info("%s: profiling %s", workload.name, method.name)
             profile = profile_method(workload, method, device)
-            results[method.name] = _row(method, profile, reference, workload)
+            results[method.name] = method_row(method, profile, reference, workload)
             runs[method.name] = method
     if timed:
         times = paired_times(lambda: workload.sample(), {n: timed_run(workload, m) for n, m in runs.items()},
@@ -157,7 +157,7 @@ def bench_workload(workload: Workload, methods: list[Method], settings: Settings
             "timed": timed, "coupling": coupling, "methods": results}
 
 
-def _row(method: Method, profile: dict[str, Any], reference: dict[str, Any], workload: Workload
+def method_row(method: Method, profile: dict[str, Any], reference: dict[str, Any], workload: Workload
          ) -> dict[str, Any]:
     """A method's figures, relative to full compute's where a ratio or a distance is meant."""
     row = {"family": method.family, "accelerator": method.accelerator, "options": method.options,

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench import ablation
 from bench.accel import Settings, run
 from bench.measure import PairedTimes, PeakMemory, cpu_attention_flops, count_flops, hook_state_bytes
 from bench.methods import default_methods, steps_methods
@@ -173,3 +174,18 @@ def test_pipeline_overhead_arithmetic():
     assert result["marginal_ratio"] == pytest.approx(6.0 / 4.0 - 1.0)
     assert result["outside_remaining_s"] == pytest.approx(20.0 - 9.0 - 7.0 - 2.0)
     assert marginal_overhead(job, {"wall_s": 14.0, "rollouts": 4}, plain) is None
+
+
+def test_ablation_orders_hero_parts_by_cost(tmp_path):
+    result = ablation.run(scenes=1, out=tmp_path, steps=6, model_name="tiny")
+    rows = result["variants"]
+    assert set(rows) == {"full", *ablation.VARIANTS}
+    saved = {label: row["flops_speedup"] for label, row in rows.items()}
+    assert saved["extrapolation only"] > saved["hero (default)"] > saved["refresh only"] > 1.0
+    assert saved["recompute keys/values"] < saved["hero (default)"]
+    for label, row in rows.items():
+        if label != "full":
+            assert math.isfinite(row["quality"]["vs_full"]["psnr"]), label
+    assert json.loads((tmp_path / "ablation.json").read_text())["steps"] == 6
+    table = (tmp_path / "ablation.md").read_text()
+    assert all(f"| {label} |" in table for label in ablation.VARIANTS)

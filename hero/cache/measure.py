@@ -98,7 +98,7 @@ def _timed(function: Any, repeats: int) -> tuple[float, Any]:
 
 VARIANTS: dict[str, HeroConfig] = {
     **{name: HeroConfig.preset(name) for name in PRESETS},
-    "default+cached_kv": HeroConfig.preset("default", kv_mode="cached_kv"),
+    "default+recompute_kv": HeroConfig.preset("default", kv_mode="recompute_kv"),
     "default+rate": HeroConfig.preset("default", rate_weight=1.0),
 }
 
@@ -107,7 +107,7 @@ def tiny_quality(num_steps: int = 30, repeats: int = 3, num_layers: int = 12,
                  variants: dict[str, HeroConfig] | None = None) -> dict[str, dict[str, Any]]:
     """Wall-clock ratio and latent PSNR versus full sampling on a toyworld-sized random CogVideoX
     (12 blocks, width 128, 5x6x8 video tokens), batched CFG, one CPU thread. ``variants`` maps a
-    label to a config (default: the presets plus the ``cached_kv`` and rate-tracking options)."""
+    label to a config (default: the presets plus the ``recompute_kv`` and rate-tracking options)."""
     model = tiny_cogvideox(num_layers=num_layers, heads=4, head_dim=32, frames=5, height=12,
                            width=16, text_tokens=8, channels=16)
     start = model.latents(1)

@@ -11,22 +11,56 @@ if TYPE_CHECKING:
     from hero.models.cogvideox_world import ModelSpec
 
 
-def _tiny(**options) -> WorldModel:
+@dataclasses.dataclass(frozen=True)
+class RegisteredModel:
+    """A world model by name: how to build it, and how to read its spec without any weights."""
+
+    load: Callable[..., WorldModel]
+    spec: Callable[..., ModelSpec]
+
+
+def _load_tiny(**options) -> WorldModel:
     from hero.models.toyworld import load_tiny
     return load_tiny(**options)
 
 
-def _toyworld(**options) -> WorldModel:
+def _tiny_spec(**options) -> ModelSpec:
+    from hero.models.toyworld.model import TINY_SPEC
+    return TINY_SPEC
+
+
+def _load_toyworld(**options) -> WorldModel:
     from hero.models.toyworld import load_toyworld
     return load_toyworld(**options)
 
 
-def _aether(**options) -> WorldModel:
+def _toyworld_spec(**options) -> ModelSpec:
+    from hero.models.toyworld.model import WEIGHTS_DIR, toyworld_spec
+    return toyworld_spec(options.get("weights", WEIGHTS_DIR))
+
+
+def _load_aether(**options) -> WorldModel:
     from hero.models.aether import load_aether
     return load_aether(**options)
 
 
-MODELS: dict[str, Callable[..., WorldModel]] = {"tiny": _tiny, "toyworld": _toyworld, "aether": _aether}
+def _aether_spec(**options) -> ModelSpec:
+    from hero.models.aether import AETHER_SPEC
+    sizes = {key: int(options[key]) for key in ("height", "width") if key in options}
+    return dataclasses.replace(AETHER_SPEC, **sizes)
+
+
+MODELS: dict[str, RegisteredModel] = {
+    "tiny": RegisteredModel(_load_tiny, _tiny_spec),
+    "toyworld": RegisteredModel(_load_toyworld, _toyworld_spec),
+    "aether": RegisteredModel(_load_aether, _aether_spec),
+}
+
+
+def _registered(name: str) -> RegisteredModel:
+    if name not in MODELS:
+        raise ValueError(f"model: unknown {name!r}; choose from {sorted(MODELS)}")
+    return MODELS[name]
 
 
 def model_spec(name: str, **options) -> ModelSpec:
@@ -34,24 +68,12 @@ def model_spec(name: str, **options) -> ModelSpec:
 
     Drivers use it to plan and validate work; only actors pay for the weights.
     """
-    if name == "tiny":
-        from hero.models.toyworld.model import TINY_SPEC
-        return TINY_SPEC
-    if name == "toyworld":
-        from hero.models.toyworld.model import WEIGHTS_DIR, toyworld_spec
-        return toyworld_spec(options.get("weights", WEIGHTS_DIR))
-    if name == "aether":
-        from hero.models.aether import AETHER_SPEC
-        sizes = {key: int(options[key]) for key in ("height", "width") if key in options}
-        return dataclasses.replace(AETHER_SPEC, **sizes)
-    raise ValueError(f"model: unknown {name!r}; choose from {sorted(MODELS)}")
+    return _registered(name).spec(**options)
 
 
 def load_model(name: str, **options) -> WorldModel:
     """Build the world model registered as ``name`` ("tiny", "toyworld", "aether")."""
-    if name not in MODELS:
-        raise ValueError(f"model: unknown {name!r}; choose from {sorted(MODELS)}")
-    return MODELS[name](**options)
+    return _registered(name).load(**options)
 
 
-__all__ = ["MODELS", "TASKS", "Rollout", "RolloutRequest", "WorldModel", "load_model", "model_spec"]
+__all__ = ["MODELS", "TASKS", "RegisteredModel", "Rollout", "RolloutRequest", "WorldModel", "load_model", "model_spec"]

@@ -336,7 +336,8 @@ def export_stage(cfg: TrainConfig, model: CogVideoXWorldModel) -> None:
     save_file({"prompt_embeds": model.prompt_embeds.contiguous()}, str(out / "prompt_embeds.safetensors"))
     digest = hashlib.sha256((out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes())
     steps = _checkpoint_step(cfg.workdir / "dit.safetensors")
-    recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+              if k != "export_to"}  # a path on the machine that trained, not part of the recipe
     (out / "model.json").write_text(json.dumps(
         {"revision": digest.hexdigest()[:12], "transformer_steps": steps,
          "vae_steps": _checkpoint_step(cfg.workdir / "vae.safetensors"), "recipe": recipe}, indent=2))
