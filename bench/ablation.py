@@ -5,8 +5,10 @@
 Variants of the default preset, each scored as ``bench.accel`` scores a method (counted FLOPs of
 the sampling loop, PSNR/SSIM/AbsRel against full compute, the PSNR drop against the rendered
 truth, cache bytes): refresh only (every block shallow, nothing extrapolated), extrapolation
-only (every block deep: PARTIAL steps extrapolate the whole stack), keys/values recomputed
-instead of cached, and rate-of-change tracking. Writes ``<out>/ablation.json`` and ``.md``.
+only (every block deep: PARTIAL steps extrapolate the whole stack), the split the
+feature-coupling probe picks on this model instead of a third of the blocks, keys/values
+recomputed instead of cached, and rate-of-change tracking. Writes ``<out>/ablation.json`` and
+``.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bench.accel import method_row, profile_method
+from bench.accel import coupling_profile, method_row, profile_method
 from bench.methods import Method
 from bench.report import json_safe
 from bench.workloads import toyworld_workload
@@ -45,17 +47,21 @@ def run(scenes: int, out: Path, steps: int | None = None, model_name: str | None
     None: the model's default; ``model_name`` None: the trained toyworld)."""
     workload = toyworld_workload(scenes, steps, model_name=model_name)
     device = torch.device("cpu")
+    coupling = coupling_profile(workload)
+    variants = {**VARIANTS, "probe's split": (
+        f"k = {coupling['split']} shallow blocks, chosen by the feature-coupling probe",
+        {"split": coupling["split"]})}
     full = Method("full", "full")
     reference = profile_method(workload, full, device)
     rows = {"full": method_row(full, reference, reference, workload)}
-    for label, (meaning, options) in VARIANTS.items():
+    for label, (meaning, options) in variants.items():
         log.info("profiling %s", label)
         method = Method(label, "hero", "hero", options)
         rows[label] = method_row(method, profile_method(workload, method, device), reference,
                                  workload)
         rows[label]["meaning"] = meaning
     result = {"info": workload.info, "steps": workload.steps, "guidance": workload.guidance,
-              "variants": rows}
+              "coupling": coupling, "variants": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
     (out / "ablation.md").write_text(markdown(result))

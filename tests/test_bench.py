@@ -179,7 +179,8 @@ def test_pipeline_overhead_arithmetic():
 def test_ablation_orders_hero_parts_by_cost(tmp_path):
     result = ablation.run(scenes=1, out=tmp_path, steps=6, model_name="tiny")
     rows = result["variants"]
-    assert set(rows) == {"full", *ablation.VARIANTS}
+    assert set(rows) == {"full", "probe's split", *ablation.VARIANTS}
+    assert rows["probe's split"]["options"] == {"split": result["coupling"]["split"]}
     saved = {label: row["flops_speedup"] for label, row in rows.items()}
     assert saved["extrapolation only"] > saved["hero (default)"] > saved["refresh only"] > 1.0
     assert saved["recompute keys/values"] < saved["hero (default)"]

@@ -118,16 +118,12 @@ class BlockAdapter:
     def pack_output(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
         return (hidden, encoder) if self.returns_encoder else hidden
 
-    def attention_heads(self, block: nn.Module) -> int:
-        return int(block.attn1.heads)
-
     def partial_forward(self, block: nn.Module, inputs: BlockInputs, index: torch.Tensor | None,
                         key_value: KeyValue | None, backend: str) -> PartialOutput:
         """Run ``block`` for the video tokens ``index`` (B, n; None: all of them). ``key_value``
         None: keys/values from all tokens of the input; otherwise the cached keys/values, whose
         refreshed tokens (and condition tokens) are overwritten in place and then attended."""
         raise NotImplementedError
-
 
 
 def bind_model_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +162,6 @@ class CogVideoXAdapter(BlockAdapter):
     def _inputs(self, values: dict[str, Any]) -> BlockInputs:
         return BlockInputs(values["hidden_states"], values["encoder_hidden_states"], values["temb"],
                            values.get("image_rotary_emb"))
-
 
     def partial_forward(self, block: nn.Module, inputs: BlockInputs, index: torch.Tensor | None,
                         key_value: KeyValue | None, backend: str) -> PartialOutput:
@@ -293,7 +288,6 @@ class WanAdapter(BlockAdapter):
         ff = block.ffn(norm_sub)
         x_sub = (x_sub.float() + ff.float() * c_gate).type_as(x)
         return PartialOutput(x_sub, x_sub - x_in, None, (key, value))
-
 
 
 ADAPTERS: dict[str, BlockAdapter] = {a.name: a for a in (CogVideoXAdapter(), WanAdapter())}

@@ -33,7 +33,7 @@ class HeroConfig:
     None (``round(L * shallow_fraction)``). ``kv_mode`` says where the keys/values of a partial
     shallow block come from: ``"cached_kv"`` (default) recomputes those of the refreshed and
     condition tokens and reuses the ones cached for the rest (the same staleness as the reused
-    residuals; about 2.8x HERO's cache memory); ``"recompute_kv"`` projects every token of the
+    residuals; 2.4-2.8x HERO's cache memory); ``"recompute_kv"`` projects every token of the
     block input (exact attention for the refreshed queries, 2% more FLOPs at Aether's shape).
     ``attention_backend`` is
     the kernel of the partial-step attention: ``"sdpa"`` (torch) or ``"flash"`` (flash-attn, CUDA,
