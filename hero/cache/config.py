@@ -35,9 +35,8 @@ class HeroConfig:
     condition tokens and reuses the ones cached for the rest (the same staleness as the reused
     residuals; 2.4-2.8x HERO's cache memory); ``"recompute_kv"`` projects every token of the
     block input (exact attention for the refreshed queries, 2% more FLOPs at Aether's shape).
-    ``attention_backend`` is
-    the kernel of the partial-step attention: ``"sdpa"`` (torch) or ``"flash"`` (flash-attn, CUDA,
-    half precision).
+    ``attention_backend`` is the kernel of HERO's block function: ``"sdpa"`` (torch) or
+    ``"flash"`` (flash-attn, CUDA, half precision).
     ``num_inference_steps`` is used only when the pipeline's ``cache_context`` does not carry it.
     ``count_flops`` counts, with torch's FLOP counter, the first FULL and first PARTIAL call of each
     input shape; ``compile`` runs the block computations through ``torch.compile`` with
