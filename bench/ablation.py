@@ -23,7 +23,7 @@ import torch
 
 from bench.accel import coupling_profile, method_row, profile_method
 from bench.methods import Method
-from bench.report import json_safe
+from bench.report import json_safe, mib, number_text, psnr_text, speedup_text
 from bench.workloads import toyworld_workload
 
 log = logging.getLogger("bench.ablation")
@@ -79,11 +79,13 @@ def markdown(result: dict[str, Any]) -> str:
     for label, row in result["variants"].items():
         if label == "full":
             continue
-        vs_full, quality = row["quality"]["vs_full"], row["quality"]
-        lines.append(f"| {label} | {row['meaning']} | {row['flops_speedup']:.2f}x | "
-                     f"{vs_full['psnr']:.2f} | {vs_full['ssim']:.4f} | {vs_full['abs_rel']:.4f} | "
-                     f"{quality['psnr_drop_vs_truth']:.2f} | {row['latent_rel_err']:.4f} | "
-                     f"{row['cache_bytes'] / 2**20:.1f} |")
+        quality = row["quality"]
+        vs_full = quality["vs_full"]
+        cells = [label, row["meaning"], speedup_text(row["flops_speedup"]), psnr_text(vs_full),
+                 number_text(vs_full["ssim"], 4), number_text(vs_full["abs_rel"], 4),
+                 number_text(quality["psnr_drop_vs_truth"]), number_text(row["latent_rel_err"], 4),
+                 number_text(mib(row["cache_bytes"]), 1)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

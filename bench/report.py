@@ -168,7 +168,7 @@ def claims_table(result: dict[str, Any]) -> list[str]:
     for row in result["claims"]:
         met = {True: "yes", False: "**no**", None: "n/a"}[row["met"]]
         note = f" ({row['note']})" if row.get("note") else ""
-        lines.append(f"| {row['claim']} | {_num(row['value'])} | {met}{note} |")
+        lines.append(f"| {row['claim']} | {number_text(row['value'])} | {met}{note} |")
     return lines
 
 
@@ -184,13 +184,13 @@ def summary_table(result: dict[str, Any]) -> list[str]:
         shaped = speed.get(name, {}) if row["family"] != "steps" else {}
         quality = row.get("quality", {})
         vs_full = quality.get("vs_full", {})
-        wall = _x(shaped.get("speedup")) if row["family"] != "steps" else \
-            f"{_x(row['flops_speedup'])} (step ratio)"
+        wall = speedup_text(shaped.get("speedup")) if row["family"] != "steps" else \
+            f"{speedup_text(row['flops_speedup'])} (step ratio)"
         lines.append(
-            f"| {name} | {wall} | {_x(shaped.get('flops_speedup'))} / "
-            f"{_x(row['flops_speedup'])} | {_psnr(vs_full)} | {_num(vs_full.get('ssim'), 4)} | "
-            f"{_num(vs_full.get('abs_rel'), 4)} | {_num(quality.get('psnr_drop_vs_truth'))} | "
-            f"{_num(_mib(shaped.get('cache_bytes')), 1)} | {result['verdicts'].get(name, '')} |")
+            f"| {name} | {wall} | {speedup_text(shaped.get('flops_speedup'))} / "
+            f"{speedup_text(row['flops_speedup'])} | {psnr_text(vs_full)} | {number_text(vs_full.get('ssim'), 4)} | "
+            f"{number_text(vs_full.get('abs_rel'), 4)} | {number_text(quality.get('psnr_drop_vs_truth'))} | "
+            f"{number_text(mib(shaped.get('cache_bytes')), 1)} | {result['verdicts'].get(name, '')} |")
     return lines
 
 
@@ -203,15 +203,15 @@ def workload_table(workload: dict[str, Any]) -> list[str]:
                  "drop vs truth", "AbsRel vs truth"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in workload["methods"].items():
-        cells = [name, row["family"], str(row["steps"]), _x(row["speedup"]),
-                 _num(row["flops_ratio"], 3), _num(_mib(row["peak_memory_bytes"]), 1),
-                 _num(_mib(row["cache_bytes"]), 2), _num(row["latent_rel_err"], 4)]
+        cells = [name, row["family"], str(row["steps"]), speedup_text(row["speedup"]),
+                 number_text(row["flops_ratio"], 3), number_text(mib(row["peak_memory_bytes"]), 1),
+                 number_text(mib(row["cache_bytes"]), 2), number_text(row["latent_rel_err"], 4)]
         if has_quality:
             quality = row.get("quality", {})
             vs_full, truth = quality.get("vs_full", {}), quality.get("vs_truth", {})
-            cells += [_psnr(vs_full), _num(vs_full.get("ssim"), 4), _num(vs_full.get("abs_rel"), 4),
-                      _num(truth.get("psnr")), _num(quality.get("psnr_drop_vs_truth")),
-                      _num(truth.get("abs_rel"), 4)]
+            cells += [psnr_text(vs_full), number_text(vs_full.get("ssim"), 4), number_text(vs_full.get("abs_rel"), 4),
+                      number_text(truth.get("psnr")), number_text(quality.get("psnr_drop_vs_truth")),
+                      number_text(truth.get("abs_rel"), 4)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -230,17 +230,17 @@ def _workload_line(name: str, workload: dict[str, Any]) -> str:
     return f"{info}; {workload['steps']} steps, guidance {workload['guidance']}; {timed}."
 
 
-def _x(value: float | None) -> str:
+def speedup_text(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}x"
 
 
-def _num(value: float | None, digits: int = 2) -> str:
+def number_text(value: float | None, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return f"{value:.{digits}f}"
 
 
-def _psnr(vs_full: dict[str, Any]) -> str:
+def psnr_text(vs_full: dict[str, Any]) -> str:
     if not vs_full:
         return "–"
     if vs_full.get("psnr") is None or math.isnan(vs_full["psnr"]):
@@ -248,7 +248,7 @@ def _psnr(vs_full: dict[str, Any]) -> str:
     return f"{vs_full['psnr']:.2f}"
 
 
-def _mib(value: int | None) -> float | None:
+def mib(value: int | None) -> float | None:
     return None if value is None else value / MIB
 
 
