@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from bench import report
-from bench.measure import PeakMemory, TimedRun, count_flops, hook_state_bytes, paired_times
+from bench.measure import (PeakMemory, TimedRun, count_flops, hook_state_bytes, paired_times,
+                           steady_cpu_allocator)
 from bench.methods import Method, apply_method, default_methods, steps_methods
 from bench.quality import latent_error, versus_full, versus_truth
 from bench.workloads import AetherShape, Workload, aether_shaped_workload, toyworld_workload
@@ -60,7 +61,7 @@ class Settings:
 
 QUICK = Settings(mode="quick", scenes=1, rounds=2, time_toyworld=False,
                  shape=AetherShape(layers=10, heads=2, latent_height=12, latent_width=16,
-                                   text_tokens=8, steps=20))
+                                   text_tokens=8, steps=20, batch=1))
 FULL = Settings()
 
 
@@ -181,6 +182,7 @@ def method_row(method: Method, profile: dict[str, Any], reference: dict[str, Any
 def run(settings: Settings, out: Path, summary: Path | None, command: str) -> dict[str, Any]:
     """The whole benchmark: both workloads, every method; writes JSON, markdown and plots."""
     torch.set_num_threads(settings.threads)
+    allocator = steady_cpu_allocator() if settings.device == "cpu" else "device allocator"
     started = time.time()
     methods = default_methods()
     if settings.methods is not None:
@@ -196,7 +198,7 @@ def run(settings: Settings, out: Path, summary: Path | None, command: str) -> di
     shaped = aether_shaped_workload(settings.shape, device=settings.device)
     workloads["aether-shaped"] = bench_workload(shaped, methods, settings, True)
     result = {"command": command, "settings": settings.describe(),
-              "machine": _machine(settings, load_before), "workloads": workloads,
+              "machine": _machine(settings, load_before, allocator), "workloads": workloads,
               "seconds": time.time() - started}
     result["claims"] = report.claims(result)
     result["verdicts"] = report.verdicts(result)
@@ -204,10 +206,12 @@ def run(settings: Settings, out: Path, summary: Path | None, command: str) -> di
     return result
 
 
-def _machine(settings: Settings, load_before: tuple[float, float, float]) -> dict[str, Any]:
+def _machine(settings: Settings, load_before: tuple[float, float, float], allocator: str
+             ) -> dict[str, Any]:
     return {"platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "cpus": os.cpu_count(), "threads": settings.threads,
-            "device": settings.device, "memory_source": PeakMemory(settings.device).source,
+            "device": settings.device, "allocator": allocator,
+            "memory_source": PeakMemory(settings.device).source,
             "gpu": torch.cuda.get_device_name(0) if settings.device.startswith("cuda") else None,
             "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())}
 
@@ -226,6 +230,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, Path | No
     parser.add_argument("--rounds", type=int, default=None, help="paired timing rounds")
     parser.add_argument("--layers", type=int, default=None, help="Aether-shaped blocks")
     parser.add_argument("--steps", type=int, default=None, help="Aether-shaped sampling steps")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="Aether-shaped requests per sampling (default 2; x2 rows with guidance)")
     parser.add_argument("--no-steps-matched", action="store_true",
                         help="leave out the fewer-steps comparison")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
@@ -233,7 +239,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, Path | No
     args = parser.parse_args(argv)
     settings = dataclasses.replace(QUICK if args.quick else FULL)
     shape = dataclasses.replace(settings.shape, **{k: v for k, v in
-                                                   (("layers", args.layers), ("steps", args.steps))
+                                                   (("layers", args.layers), ("steps", args.steps),
+                                                    ("batch", args.batch))
                                                    if v is not None})
     overrides = {"scenes": args.scenes, "toyworld_model": args.toyworld_model,
                  "toyworld_steps": args.toyworld_steps, "rounds": args.rounds,

@@ -219,7 +219,8 @@ def workload_table(workload: dict[str, Any]) -> list[str]:
 def _machine_line(result: dict[str, Any]) -> str:
     machine = result["machine"]
     return (f"Machine: {machine['cpus']} CPUs, {machine['threads']} torch threads, device "
-            f"{machine['gpu'] or machine['device']}, torch {machine['torch']}; load average "
+            f"{machine['gpu'] or machine['device']}, torch {machine['torch']}, allocator "
+            f"{machine.get('allocator', 'default')}; load average "
             f"{machine['load_average_before'][0]:.1f} before, {machine['load_average_after'][0]:.1f} "
             f"after; {result['seconds'] / 60:.1f} min in all.")
 

@@ -36,7 +36,10 @@ class AetherShape:
     for 17 frames at 480 x 720, and samples 50 steps with batched classifier-free guidance; its
     attention FLOPs are about ``N / 6C`` = 0.37 of its linear FLOPs. The defaults keep that balance
     (0.36), the guidance batching and the step count, at a size two CPU cores sample in well under
-    a minute.
+    a minute. Two requests per sampling (four rows with guidance), as a generation actor batches
+    them: at Aether's size a block's per-call costs (weight reads of the timestep modulation,
+    op dispatch) are a negligible part of its work, and one request at this size would leave them
+    at a fifth of a HERO partial block (``docs/benchmarks.md``, "Batch size").
     """
 
     layers: int = 24
@@ -48,7 +51,7 @@ class AetherShape:
     text_tokens: int = 16
     steps: int = 50
     guidance: float = 3.0
-    batch: int = 1
+    batch: int = 2
     seed: int = 0
 
     @property

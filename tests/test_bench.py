@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +87,35 @@ def test_peak_memory_sees_tensors_allocated_inside():
         block = torch.ones(2 ** 21)  # 8 MiB, alive when the block ends
     assert memory.peak_bytes >= block.nbytes
     assert memory.source in ("malloc in use", "resident set size")
+
+
+REALLOCATION_FAULTS = """
+import ctypes, resource, torch
+from bench.measure import steady_cpu_allocator
+
+def faults(numel=2 ** 22, times=5):  # a 16 MiB block, 4096 pages
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(times):
+        torch.empty(numel).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+assert ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # glibc's first mmap threshold, fixed
+default = faults()
+print(steady_cpu_allocator())
+faults()
+print(default, faults())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_steady_allocator_reuses_memory_instead_of_faulting_in_new_pages():
+    """In a fresh process (pytest's own heap is whatever earlier tests left)."""
+    done = subprocess.run([sys.executable, "-c", REALLOCATION_FAULTS], capture_output=True,
+                          text=True, check=True, cwd=Path(__file__).parents[1])
+    described, counts = done.stdout.strip().splitlines()[-2:]
+    default, steady = map(int, counts.split())
+    assert described.startswith("glibc")
+    assert default >= 4 * 4096 and steady < 100, (default, steady)
 
 
 def test_paired_ratio_is_the_median_over_rounds():

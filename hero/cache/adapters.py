@@ -242,7 +242,6 @@ class WanAdapter(BlockAdapter):
         return BlockInputs(values["hidden_states"], values["encoder_hidden_states"], values["temb"],
                            values.get("rotary_emb"))
 
-
     @staticmethod
     def _modulation(block: nn.Module, temb: torch.Tensor, index: torch.Tensor | None
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
