@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import ablation
+from bench import ablation, blocks
 from bench.accel import Settings, run
 from bench.measure import PairedTimes, PeakMemory, cpu_attention_flops, count_flops, hook_state_bytes
 from bench.methods import default_methods, steps_methods
@@ -222,3 +222,15 @@ def test_ablation_orders_hero_parts_by_cost(tmp_path):
     assert json.loads((tmp_path / "ablation.json").read_text())["steps"] == 6
     table = (tmp_path / "ablation.md").read_text()
     assert all(f"| {label} |" in table for label in ablation.VARIANTS)
+
+
+def test_block_costs_set_time_beside_counted_work():
+    result = blocks.measure(TINY_SHAPE, rounds=2)
+    calls = result["calls"]
+    assert len(calls) == 7 and all(row["ms"] > 0 for row in calls.values())
+    assert calls["diffusers forward"]["flop_share"] == 1.0
+    assert calls["HERO block, every token (FULL step)"]["flop_share"] == pytest.approx(1.0)
+    assert 0 < calls["HERO partial block (PARTIAL step)"]["flop_share"] < 0.75  # 8 of 32 refreshed
+    assert calls["HERO partial block, 4 tokens"]["flops"] is None
+    table = blocks.markdown(result, "python -m bench.blocks")
+    assert all(f"| {name} |" in table for name in calls)
