@@ -70,8 +70,8 @@ class _MallInfo2(ctypes.Structure):
         "fordblks", "keepcost")]
 
 
-# glibc mallopt parameters: return freed memory to the system only above this much free at the top
-# of the heap; serve blocks of at least this size by mmap; extra heap grown per sbrk
+# glibc mallopt parameters: give memory back to the system only when this much is free at the top
+# of the heap; extra heap to ask for whenever it grows; serve blocks at least this large by mmap
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _KEEP_BYTES = 1 << 30
 

@@ -39,7 +39,8 @@ class AetherShape:
     a minute. Two requests per sampling (four rows with guidance), as a generation actor batches
     them: at Aether's size a block's per-call costs (weight reads of the timestep modulation,
     op dispatch) are a negligible part of its work, and one request at this size would leave them
-    at a fifth of a HERO partial block (``docs/benchmarks.md``, "Batch size").
+    at about a sixth of a HERO partial block (``python -m bench.blocks``; ``docs/benchmarks.md``,
+    "What moves the wall-clock ratio on this CPU").
     """
 
     layers: int = 24
