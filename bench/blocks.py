@@ -97,13 +97,11 @@ def measure(shape: AetherShape, rounds: int) -> dict[str, Any]:
                 started = time.perf_counter()
                 call()
                 seconds[name].append(time.perf_counter() - started)
+    ms = {name: statistics.median(times) * 1e3 for name, times in seconds.items()}
     reference = "diffusers forward"
-    rows = {}
-    for name in calls:
-        ms = statistics.median(seconds[name]) * 1e3
-        rows[name] = {"ms": ms, "time_share": ms / (statistics.median(seconds[reference]) * 1e3),
-                      "flops": flops[name],
-                      "flop_share": None if flops[name] is None else flops[name] / flops[reference]}
+    rows = {name: {"ms": ms[name], "time_share": ms[name] / ms[reference], "flops": flops[name],
+                   "flop_share": None if flops[name] is None else flops[name] / flops[reference]}
+            for name in calls}
     return {"shape": shape.describe(), "rounds": rounds, "calls": rows}
 
 

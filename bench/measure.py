@@ -70,6 +70,11 @@ class _MallInfo2(ctypes.Structure):
         "fordblks", "keepcost")]
 
 
+def _libc() -> ctypes.CDLL:
+    """The C library, for glibc's malloc controls and statistics."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 # glibc mallopt parameters: give memory back to the system only when this much is free at the top
 # of the heap; extra heap to ask for whenever it grows; serve blocks at least this large by mmap
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -86,7 +91,7 @@ def steady_cpu_allocator() -> str:
     the thresholds fixed there are none, and the timing measures computation. Returns how the
     allocator was set, for the results' machine record.
     """
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _libc()
     if not hasattr(libc, "mallopt"):
         return "default (no glibc mallopt)"
     settings = ((_M_MMAP_THRESHOLD, _KEEP_BYTES), (_M_TRIM_THRESHOLD, _KEEP_BYTES),
@@ -100,7 +105,7 @@ def cpu_memory_probe() -> tuple[str, Callable[[], int]]:
     """How CPU memory in use is read: bytes malloc has handed out and not taken back (glibc's
     ``mallinfo2``, which sees every tensor's storage and nothing an allocator merely keeps), or the
     resident set size where that is not available."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _libc()
     if hasattr(libc, "mallinfo2"):
         libc.mallinfo2.restype = _MallInfo2
 

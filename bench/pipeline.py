@@ -4,10 +4,11 @@ Runs the embedded job (``jobs/generate.py`` with no arguments: local Ray, the sh
 ``file://`` output) in this process, then a plain loop that calls the same model, with the same
 accelerator, on the same requests (built from the same manifest rows, untimed), with no Ray, no
 encoding and no I/O. Reports the pipeline's overhead as ``job wall / plain model time - 1``, with
-and without what a job pays once whatever its length (until its first actor is ready, and after
-its last commit; Ray's start-up is also measured alone), and where the job's time goes per stage
-(prep, generate, encode: busy seconds summed over rows, read back from each sample's
-``meta.json``); then the job's throughput for each number of actors and batch size asked for. Writes ``<out>/pipeline.json`` and ``<out>/pipeline.md``.
+and without what a job pays once whatever its length (until its first actor is ready, and after its
+last commit; Ray's start-up is also measured alone), and where the job's time goes per stage (prep,
+generate, encode: busy seconds summed over rows, read back from each sample's ``meta.json``); then
+the job's throughput for each number of actors and batch size asked for. Writes
+``<out>/pipeline.json`` and ``<out>/pipeline.md``.
 """
 
 from __future__ import annotations

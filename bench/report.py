@@ -188,8 +188,9 @@ def summary_table(result: dict[str, Any]) -> list[str]:
             f"{speedup_text(row['flops_speedup'])} (step ratio)"
         lines.append(
             f"| {name} | {wall} | {speedup_text(shaped.get('flops_speedup'))} / "
-            f"{speedup_text(row['flops_speedup'])} | {psnr_text(vs_full)} | {number_text(vs_full.get('ssim'), 4)} | "
-            f"{number_text(vs_full.get('abs_rel'), 4)} | {number_text(quality.get('psnr_drop_vs_truth'))} | "
+            f"{speedup_text(row['flops_speedup'])} | {psnr_text(vs_full)} | "
+            f"{number_text(vs_full.get('ssim'), 4)} | {number_text(vs_full.get('abs_rel'), 4)} | "
+            f"{number_text(quality.get('psnr_drop_vs_truth'))} | "
             f"{number_text(mib(shaped.get('cache_bytes')), 1)} | {result['verdicts'].get(name, '')} |")
     return lines
 
@@ -209,8 +210,9 @@ def workload_table(workload: dict[str, Any]) -> list[str]:
         if has_quality:
             quality = row.get("quality", {})
             vs_full, truth = quality.get("vs_full", {}), quality.get("vs_truth", {})
-            cells += [psnr_text(vs_full), number_text(vs_full.get("ssim"), 4), number_text(vs_full.get("abs_rel"), 4),
-                      number_text(truth.get("psnr")), number_text(quality.get("psnr_drop_vs_truth")),
+            cells += [psnr_text(vs_full), number_text(vs_full.get("ssim"), 4),
+                      number_text(vs_full.get("abs_rel"), 4), number_text(truth.get("psnr")),
+                      number_text(quality.get("psnr_drop_vs_truth")),
                       number_text(truth.get("abs_rel"), 4)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
