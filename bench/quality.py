@@ -14,8 +14,8 @@ import torch
 
 from hero import metrics
 from hero.models.base import Rollout
-from hero.models.toyworld.evaluate import score_against_truth
-from hero.models.toyworld.world import FAR, Clip
+from hero.evaluation.toyworld import score_against_truth
+from hero.world import FAR, Clip
 
 SCORED = slice(1, None)
 

@@ -20,10 +20,9 @@ from hero.models import load_model
 from hero.models.base import Rollout, RolloutRequest
 from hero.models.cogvideox_world import (CogVideoXWorldModel, ModelSpec, build_condition,
                                          fold_raymap, latent_frames)
-from hero.models.toyworld.evaluate import EvalConfig, heldout_request
+from hero.evaluation.toyworld import EvalConfig, heldout_request
 from hero.models.toyworld.model import SCHEDULER_CONFIG, VAE_CONFIG, WEIGHTS_DIR
-from hero.models.toyworld.train import clip_for_seed
-from hero.models.toyworld.world import Clip
+from hero.world import Clip, clip_for_seed
 
 TASK = "prediction"
 

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hero.models.toyworld.world import Trajectory
+from hero.world import Trajectory
 from pipeline.sources import NESTED_FIELDS
 
 TASK_MIX = ("prediction", "prediction", "prediction", "prediction", "prediction", "planning", "reconstruction")

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from hero import geometry
-from hero.models.toyworld.world import MOTIONS
+from hero.world import MOTIONS, OBJECTS
 
 SCHEMA_VERSION = 1
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,79}")
@@ -51,10 +51,10 @@ class _Strict(BaseModel):
 
 
 class SceneSpec(_Strict):
-    """A procedural toyworld scene (``hero.models.toyworld.world.Scene.random``)."""
+    """A procedural toyworld scene (``hero.world.Scene.random``)."""
 
     seed: int
-    objects: int = 24
+    objects: int = OBJECTS
 
     @field_validator("seed")
     @classmethod
@@ -148,7 +148,7 @@ class TrajectorySpec(_Strict):
         """c2w (frames, 4, 4) with frame 0 the identity."""
         if self.c2w is not None:
             return geometry.relative_to(np.asarray(self.c2w, dtype=np.float64))[:frames]
-        from hero.models.toyworld.world import Trajectory
+        from hero.world import Trajectory
 
         return Trajectory(segments=self.segments, speed=self.speed, turn_deg=self.turn_deg).poses(frames)
 

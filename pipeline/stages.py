@@ -24,7 +24,7 @@ from PIL import Image
 
 from hero import geometry
 from hero.models.base import Rollout, RolloutRequest
-from hero.models.toyworld import world
+from hero import world
 from hero.rollout import generate_any_length
 from pipeline import faults
 from pipeline.manifest import ManifestRow, RowError
@@ -179,7 +179,7 @@ def _render_inputs(row: ManifestRow, c2w: np.ndarray, k: np.ndarray, geo: Geomet
     scene = world.Scene.random(row.observation.scene.seed, objects=row.observation.scene.objects,
                                clear_path=c2w[:, :3, 3])
     needed = {"prediction": [0], "planning": [0, len(c2w) - 1], "reconstruction": list(range(len(c2w)))}[row.task]
-    rgb, _ = world.render(scene, c2w[needed], k[needed], geo.height, geo.width)
+    rgb = world.render(scene, c2w[needed], k[needed], geo.height, geo.width).rgb
     arrays = {"image": rgb[0]}
     if row.task == "planning" and row.goal is None:
         arrays["goal"] = rgb[-1]

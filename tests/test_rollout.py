@@ -16,8 +16,7 @@ from hero import geometry
 from hero.models.base import Rollout, RolloutRequest, pose_deltas
 from hero.models.cogvideox_world import CogVideoXWorldModel
 from hero.models.toyworld import load_tiny
-from hero.models.toyworld.train import HELDOUT_SEED_BASE, clip_for_seed
-from hero.models.toyworld.world import Trajectory
+from hero.world import HELDOUT_SEED_BASE, Trajectory, clip_for_seed
 from hero.preview import colorize_depth, frame_indices, write_comparison, write_preview
 from hero.rollout import (
     ChainConfig,

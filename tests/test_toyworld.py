@@ -1,4 +1,4 @@
-"""toyworld's evaluation against the rendered truth (hero.models.toyworld.evaluate).
+"""toyworld's evaluation against the rendered truth (hero.evaluation.toyworld).
 
 Run on the tiny random model: the numbers mean nothing, but every figure in the table is checked
 against an independent computation, so the same command on the trained weights can be trusted.
@@ -15,7 +15,7 @@ import pytest
 from hero import metrics
 from hero.models.base import Rollout
 from hero.models.toyworld import load_tiny
-from hero.models.toyworld.evaluate import (
+from hero.evaluation.toyworld import (
     METRICS,
     EvalConfig,
     apply_accel,
@@ -27,8 +27,7 @@ from hero.models.toyworld.evaluate import (
     main,
     score_against_truth,
 )
-from hero.models.toyworld.train import HELDOUT_SEED_BASE, clip_for_seed
-from hero.models.toyworld.world import FAR
+from hero.world import FAR, HELDOUT_SEED_BASE, clip_for_seed
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Same latent packing, tasks and sampling code as Aether (:mod:`hero.models.cogvideox_world`), a
 CogVideoX VAE with 16 latent channels and 4x spatial / 4x temporal compression, and a 12-block
-CogVideoX transformer, trained on the procedural world of :mod:`hero.models.toyworld.world`.
+CogVideoX transformer, trained on the procedural world of :mod:`hero.world`.
 Disparity is normalised by a fixed ``metric_dmax``, so depth and camera paths come out in metres.
 """
 

@@ -74,7 +74,7 @@ def load_toyworld(weights: str | Path = WEIGHTS_DIR, device: str = "cpu", **_: o
     weights = Path(weights)
     if not (weights / "transformer").is_dir():
         raise FileNotFoundError(f"no toyworld weights under {weights}; train them with "
-                                "`python -m hero.models.toyworld.train`")
+                                "`python -m hero.training.toyworld`")
     vae = AutoencoderKLCogVideoX.from_pretrained(weights / "vae", torch_dtype=torch.float32,
                                                 low_cpu_mem_usage=False)
     transformer = CogVideoXTransformer3DModel.from_pretrained(weights / "transformer",

@@ -1,4 +1,4 @@
-"""Train toyworld from scratch on the procedural world: ``python -m hero.models.toyworld.train``.
+"""Train toyworld from scratch on the procedural world: ``python -m hero.training.toyworld``.
 
 Four stages, each resumable from its checkpoint in ``--workdir`` (kill it any time and re-run the
 same command): render clips -> train the VAE -> encode latents -> train the transformer; then the
@@ -35,9 +35,8 @@ from hero.models.cogvideox_world import (
     unconditional,
 )
 from hero.models.toyworld.model import TOYWORLD_SPEC, WEIGHTS_DIR, build_components
-from hero.models.toyworld.world import Trajectory, render_clip
+from hero.world import HELDOUT_SEED_BASE, clip_for_seed
 
-HELDOUT_SEED_BASE = 1_000_000
 FRAMES = TOYWORLD_SPEC.frame_options[0]
 log = logging.getLogger("toyworld.train")
 
@@ -68,13 +67,6 @@ class TrainConfig:
     threads: int = 2
     seed: int = 0
     stages: tuple[str, ...] = field(default=("render", "vae", "encode", "dit", "export"))
-
-
-def clip_for_seed(seed: int, frames: int = FRAMES):
-    """The training/evaluation clip of ``seed``: its scene and a random trajectory, rendered."""
-    trajectory = Trajectory.random(np.random.default_rng(seed + 7_919), frames)
-    return render_clip(seed, trajectory, frames, TOYWORLD_SPEC.height, TOYWORLD_SPEC.width,
-                       TOYWORLD_SPEC.fov_x_deg), trajectory
 
 
 # ------------------------------------------------------------------------------- checkpoints

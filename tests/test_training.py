@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hero.models.toyworld.train import TrainConfig, channel_weights, dit_lr_at, weighted_mse
+from hero.training.toyworld import TrainConfig, channel_weights, dit_lr_at, weighted_mse
 
 CFG = TrainConfig(dit_steps=1000, dit_warmup=100, dit_decay_from=500, dit_lr=1e-3,
                   camera_weight=10.0, camera_weight_from=700)

@@ -1,6 +1,6 @@
-"""Score toyworld against the rendered truth on held-out scenes: ``python -m hero.models.toyworld.evaluate``.
+"""Score toyworld against the rendered truth on held-out scenes: ``python -m hero.evaluation.toyworld``.
 
-Two evaluations, both on seeds from :data:`~hero.models.toyworld.train.HELDOUT_SEED_BASE` up (never
+Two evaluations, both on seeds from :data:`~hero.world.HELDOUT_SEED_BASE` up (never
 used in training):
 
 * held-out table (default): 17-frame action-conditioned prediction (image = the true first frame,
@@ -30,8 +30,8 @@ import torch
 from hero import metrics
 from hero.models.base import Rollout, RolloutRequest, WorldModel, pose_deltas
 from hero.models.toyworld.model import TOYWORLD_SPEC
-from hero.models.toyworld.train import FRAMES, HELDOUT_SEED_BASE, clip_for_seed
-from hero.models.toyworld.world import FAR, Clip, Trajectory, render_clip
+from hero.world import FAR, HELDOUT_SEED_BASE, Clip, Trajectory, clip_for_seed, render_clip
+from hero.world import CLIP_FRAMES as FRAMES
 from hero.rollout import ChainConfig, rollout_long_batch
 
 log = logging.getLogger("toyworld.evaluate")
@@ -239,6 +239,7 @@ def chunk_scores(rollout: Rollout, clip: Clip) -> list[dict[str, Any]]:
         row["local_rot_err_deg"] = float(metrics.rotation_error_deg(local_pred, local_true).mean())
         row["local_trans_err"] = float(metrics.translation_error(local_pred, local_true).mean())
         held = Clip(rgb=clip.rgb[start: stop + 1], depth=clip.depth[start: stop + 1],
+                    objects=clip.objects[start: stop + 1],
                     k=clip.k[start: stop + 1], c2w=clip.c2w[start: stop + 1])
         base = score_against_truth(baseline_rollout(held), held)
         row["baseline_psnr"] = metrics.summarize(base["psnr"])["mean"]

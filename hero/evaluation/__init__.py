@@ -1,0 +1,1 @@
+"""Scoring world models against the procedural world's rendered truth: held-out tables, drift, sampling sensitivity."""

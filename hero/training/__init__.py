@@ -1,0 +1,1 @@
+"""Training the shipped toyworld on the procedural world (:mod:`hero.world`): recipes, checkpoints, progress."""
