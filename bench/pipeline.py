@@ -37,7 +37,7 @@ from pipeline.config import JobConfig
 from pipeline.loader import rollout_dataset
 from pipeline.run import connect_ray, open_store, run as run_job
 from pipeline.sources import read_manifest
-from pipeline.stages import model_geometry, prepare_row
+from pipeline.stages.prep import model_geometry, prepare_row
 from pipeline.storage import Store
 
 STAGES = ("prep_s", "generate_s", "encode_s")

@@ -31,7 +31,7 @@ from pipeline.config import ConfigError, JobConfig
 from pipeline.plan import Unit, mismatched_unit, plan_units
 from pipeline.samples import FIELDS, decode_sample
 from pipeline.sources import read_manifest
-from pipeline.stages import unpack_files
+from pipeline.stages.rows import unpack_files
 from pipeline.storage import Store
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +107,9 @@ def build_dataset(config: JobConfig, units: list[Unit]):
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipeline.stages import GenerateRollouts, encode_batch, model_geometry, prepare_batch
+    from pipeline.stages.encode import encode_batch
+    from pipeline.stages.generate import GenerateRollouts
+    from pipeline.stages.prep import model_geometry, prepare_batch
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()

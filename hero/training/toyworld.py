@@ -35,7 +35,7 @@ from hero.models.cogvideox_world import (
     unconditional,
 )
 from hero.models.toyworld.model import TOYWORLD_SPEC, WEIGHTS_DIR, build_components
-from hero.world import HELDOUT_SEED_BASE, clip_for_seed
+from hero.world import clip_for_seed
 
 FRAMES = TOYWORLD_SPEC.frame_options[0]
 log = logging.getLogger("toyworld.train")
