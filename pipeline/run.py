@@ -109,18 +109,19 @@ def build_dataset(config: JobConfig, units: list[Unit]):
 
     from pipeline.stages.encode import encode_batch
     from pipeline.stages.generate import GenerateRollouts
-    from pipeline.stages.prep import model_geometry, prepare_batch
+    from hero.models import model_spec
+    from pipeline.stages.prep import prepare_batch
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()
     items = [{"unit": unit.number, "position": e.position, "id": e.row.id, "row": e.row.model_dump_json(),
               "error": ""} for unit in units for e in unit.valid]
-    geo = model_geometry(config.model.name, config.model.options)
+    spec = model_spec(config.model.name, **config.model.options)
     gen = config.generate
     return (
         ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
         .map_batches(prepare_batch, batch_size=1, num_cpus=config.ray.prep_num_cpus,
-                     fn_kwargs={"geo": geo, "storage_options": config.sink.storage_options})
+                     fn_kwargs={"spec": spec, "storage_options": config.sink.storage_options})
         .map_batches(GenerateRollouts, batch_size=gen.batch_size,
                      compute=ActorPoolStrategy(size=gen.actors), num_gpus=gen.num_gpus, num_cpus=gen.num_cpus,
                      fn_constructor_kwargs={"model": config.model.name, "model_options": config.model.options,

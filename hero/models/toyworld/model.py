@@ -10,7 +10,8 @@ import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 from safetensors.torch import load_file
 
-from hero.models.cogvideox_world import CogVideoXWorldModel, ModelSpec
+from hero.models.base import ModelSpec
+from hero.models.cogvideox_world import CogVideoXWorldModel
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
