@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from pipeline.config import DEFAULT_MODEL, DEFAULT_OUTPUT_ROOT, ConfigError, JobConfig, build_config, parse_value, resolve
+from pipeline.redact import guard_streams, redact_text
 
 OVERRIDES = {  # option dest -> config key
     "input": "input", "output": "output", "model": "model.name", "accel": "accel.name", "limit": "limit",
@@ -83,10 +84,15 @@ def check_names(config: JobConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.run import run
+    from pipeline.sources import InputUnavailable
 
+    guard_streams()
     try:
         config = load(argv)
         return run(config)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
+    except InputUnavailable as exc:
+        print(f"error: {exc}; nothing was planned past it, rerun to resume", file=sys.stderr)
+        return 1

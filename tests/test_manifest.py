@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pipeline.examples import bad_rows, example_rows, write_manifest
 from pipeline.manifest import SAFE_ID, ManifestRow, RowError, parse_line, validate_row
 from pipeline.plan import plan_units
-from pipeline.sources import default_manifest, manifest_files, read_manifest
+from pipeline.sources import InputError, default_manifest, manifest_files, read_manifest
 
 
 def test_example_rows_are_valid_and_poses_are_rigid():
@@ -132,14 +132,14 @@ def test_prefix_of_shards_reads_in_name_order_with_limit(tmp_path):
     write_manifest(rows[3:], str(tmp_path / "part-001.jsonl"))
     write_manifest(rows[:3], str(tmp_path / "part-000.parquet"))
     (tmp_path / "notes.txt").write_text("not a manifest")
-    assert [p.rsplit("/", 1)[1] for p in manifest_files(str(tmp_path))] == ["part-000.parquet", "part-001.jsonl"]
+    assert [p.rsplit("/", 1)[1] for p in manifest_files(str(tmp_path)).files] == ["part-000.parquet", "part-001.jsonl"]
     ids = [e.row.id for e in read_manifest(str(tmp_path) + "/", limit=5)]
     assert ids == [r["id"] for r in rows[:5]]
     assert [e.position for e in read_manifest(str(tmp_path / "part-"))] == list(range(6))
 
 
 def test_missing_manifest_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputError, match="no manifest"):
         list(read_manifest(str(tmp_path / "nothing-here")))
 
 
