@@ -47,6 +47,34 @@ def test_error_names_row_id_when_readable():
     assert malformed.id == "abc-2" and malformed.field == "row"
 
 
+SCENE, IMAGE, VIDEO = {"scene": {"seed": 1}}, {"image": "s3://b/x.png"}, {"video": "s3://b/x.mp4"}
+PATH = {"segments": [["forward", 4]]}
+
+
+@pytest.mark.parametrize("task,observation,given,field", [
+    ("prediction", IMAGE, {}, "trajectory"),
+    ("prediction", SCENE, {}, "trajectory"),
+    ("planning", IMAGE, {"trajectory": PATH}, "goal"),
+    ("planning", SCENE, {}, "goal"),
+    ("reconstruction", IMAGE, {"trajectory": PATH}, "observation"),
+    ("reconstruction", SCENE, {}, "observation"),
+])
+def test_a_row_without_an_input_its_task_needs_names_where_it_belongs(task, observation, given, field):
+    result = validate_row({"id": "r", "task": task, "observation": observation, **given})
+    assert isinstance(result, RowError) and result.field == field and f"task {task!r} needs" in result.reason
+
+
+@pytest.mark.parametrize("task,observation,given", [
+    ("prediction", VIDEO, {"trajectory": PATH}),  # a video gives its first frame as the image
+    ("planning", VIDEO, {"goal": {"image": "s3://b/g.png"}}),
+    ("planning", SCENE, {"trajectory": PATH}),
+    ("reconstruction", SCENE, {"trajectory": PATH}),
+    ("reconstruction", VIDEO, {}),
+])
+def test_rows_giving_what_their_task_needs_are_valid(task, observation, given):
+    assert isinstance(validate_row({"id": "r", "task": task, "observation": observation, **given}), ManifestRow)
+
+
 @pytest.mark.parametrize("bad_id", ["../x", "a/b", "a.b", "", ".hidden", "x" * 81, "a\nb", "a b", "é"])
 def test_ids_that_could_escape_or_break_keys_are_refused(bad_id):
     row = dict(example_rows(1)[0], id=bad_id)
