@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+
 import numpy as np
 import torch
 from diffusers import (
