@@ -298,6 +298,13 @@ def test_redact_text_leaves_ordinary_text_alone():
         assert redact_text(text) == text
 
 
+def test_redact_masks_credentials():
+    config = {"sink": {"storage_options": {"key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://x"}},
+              "model": {"options": {"token": "t"}}}
+    text = json.dumps(redact_config(config))
+    assert "s3cr3t" not in text and "AKIA" not in text and "http://x" in text
+
+
 def test_a_job_config_carries_no_credential_into_records():
     config = JobConfig(input="https://u:pw-1@host/m.jsonl?token=tk-1", output="/tmp/out",
                        sink={"storage_options": {"key": "AKIA1", "secret": "sk-1",
