@@ -101,7 +101,7 @@ def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
-def is_outage(exc: BaseException) -> bool:
+def _is_outage(exc: BaseException) -> bool:
     """Whether a read failed for the store's sake (network, throttling, 5xx), not the file's: a
     transient error that is, or was raised from, a connection, timeout or object-store client
     error. A bare OSError is a decoder's verdict on the bytes (gzip, Parquet pages): permanent."""
@@ -118,7 +118,7 @@ def is_outage(exc: BaseException) -> bool:
 def _input_failure(uri: str, exc: Exception) -> Exception:
     """The error to stop with when the input itself cannot be listed or read."""
     reason = f"{redact_text(uri)}: {type(exc).__name__}: {redact_text(str(exc))}"
-    if is_outage(exc):
+    if _is_outage(exc):
         return InputUnavailable(f"cannot read input {reason}")
     return InputError(f"cannot use input {reason}")
 
@@ -155,8 +155,8 @@ class Manifest:
                 position += 1
         if position == 0 and not self.allow_empty:
             unread = "; ".join(f"{p.source}: {p.reason}" for p in self.problems)
-            raise InputError(f"no manifest rows at {redact_text(self.uri)}" + (f" ({unread})" if unread else "")
-                             + "; set input_allow_empty to run an empty input")
+            raise InputError(redact_text(f"no manifest rows at {self.uri}" + (f" ({unread})" if unread else "")
+                                         + "; set input_allow_empty to run an empty input"))
 
     def _read_file(self, source: str, first: int) -> Iterator[ManifestEntry]:
         """Entries of one file; where the file breaks, a problem record, and the entries before it."""
@@ -172,7 +172,7 @@ class Manifest:
                 yield entry
                 first += 1
         except Exception as exc:
-            if is_outage(exc):
+            if _is_outage(exc):
                 raise _input_failure(source, exc) from None
             where = f"unreadable after line {line}, the rows before it are kept" if line else "unreadable"
             self.problems.append(file_error(source, f"{where}: {type(exc).__name__}: {redact_text(str(exc))}",
