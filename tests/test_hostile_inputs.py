@@ -474,9 +474,13 @@ def secrets_run(ray_head, s3_server, hostile_bucket, tmp_path_factory):
     args = ["--input", uri, "--output", str(output), *JOB_ARGS,
             "--set", f"sink.storage_options.client_kwargs.headers.X-Api-Key={SECRETS['storage_option']}"]
     env = dict(ray_head.env, HF_TOKEN=SECRETS["env"], AWS_SESSION_TOKEN=SECRETS["env"])
+    objects = lambda: {o["Key"]: o["ETag"] for o in hostile_bucket["client"].list_objects_v2(
+        Bucket=hostile_bucket["bucket"])["Contents"]}
+    before = objects()
     result = run_job(args, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {"output": output, "result": result}
+    return {"output": output, "result": result, "objects": (before, objects()),
+            "foreign": sorted(p.name for p in root.iterdir())}
 
 
 def test_secrets_run_generates_the_good_rows_and_names_the_missing_image(secrets_run):
@@ -484,6 +488,11 @@ def test_secrets_run_generates_the_good_rows_and_names_the_missing_image(secrets
     (error,) = errors_of(secrets_run["output"])
     assert (error["id"], error["field"], error["stage"]) == ("presigned-missing", "observation.image", "prep")
     assert "images/missing.png?" in error["reason"] and "X-Amz-Signature=***" in error["reason"]
+
+
+def test_secrets_run_touches_no_foreign_file_or_object(secrets_run):
+    before, after = secrets_run["objects"]
+    assert after == before and secrets_run["foreign"] == ["out"]
 
 
 def test_secrets_run_records_a_redacted_source_reference(secrets_run):
