@@ -60,7 +60,7 @@ def test_shards_read_back_with_the_right_shapes(default_run):
         assert sample["actions"].shape == (n, 6)
         torch.testing.assert_close(sample["c2w"][0], torch.eye(4), atol=1e-3, rtol=0)
         meta = sample["meta"]
-        assert meta["model"] == "toyworld" and meta["steps"] == 1 and meta["schema_version"] == 1
+        assert meta["model"] == "toyworld" and meta["steps"] == 1 and meta["schema_version"] == 2
         assert meta["accelerator"]["name"] == "hero" and "generate_s" in meta["timings"]
         assert meta["task"] in ("prediction", "planning", "reconstruction")
 
