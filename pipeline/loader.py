@@ -208,12 +208,11 @@ def to_tensors(sample: dict[str, Any], fields: Iterable[str] = ARRAYS) -> dict[s
     return out
 
 
-def _clip_stages(output: str, *, shuffle_shards: bool, seed: int, storage_options: dict[str, Any] | None,
+def _file_stages(output: str, *, shuffle_shards: bool, seed: int, storage_options: dict[str, Any] | None,
                  split: bool, fields: Iterable[str], on_error: str) -> list[Any]:
-    """The shared front of both pipelines: index -> (shuffled) shards -> node/worker split ->
-    verified streams -> samples -> tensors of ``fields``."""
+    """The shared front of every pipeline: index -> (shuffled) shards -> node/worker split ->
+    verified streams -> samples (the files ``fields`` need, as bytes)."""
     _check_on_error(on_error)
-    fields = tuple(fields)
     options = storage_options or {}
     expected = _expected(output, options)
     stages: list[Any] = [wds.SimpleShardList(list(expected))]
@@ -224,8 +223,25 @@ def _clip_stages(output: str, *, shuffle_shards: bool, seed: int, storage_option
     wanted = _wanted_files(fields)
     stages += [functools.partial(_verified_shards, expected=expected, storage_options=options, on_error=on_error),
                functools.partial(tar_file_expander, select_files=lambda name: name.partition(".")[2] in wanted),
-               group_by_keys, wds.map(functools.partial(to_tensors, fields=fields))]
+               group_by_keys]
     return stages
+
+
+def rollout_files(output: str, *, storage_options: dict[str, Any] | None = None,
+                  on_error: str = "raise") -> wds.DataPipeline:
+    """Every sample of the run at ``output`` as its raw, verified files (``{"__key__", "rgb.mp4",
+    ...: bytes}``), in index order, undivided: for tools that copy files as they are (exports)."""
+    return wds.DataPipeline(*_file_stages(output, shuffle_shards=False, seed=0, storage_options=storage_options,
+                                          split=False, fields=ARRAYS, on_error=on_error))
+
+
+def _clip_stages(output: str, *, shuffle_shards: bool, seed: int, storage_options: dict[str, Any] | None,
+                 split: bool, fields: Iterable[str], on_error: str) -> list[Any]:
+    """Verified samples decoded to tensors of ``fields``."""
+    fields = tuple(fields)
+    return _file_stages(output, shuffle_shards=shuffle_shards, seed=seed, storage_options=storage_options,
+                        split=split, fields=fields, on_error=on_error) + [
+        wds.map(functools.partial(to_tensors, fields=fields))]
 
 
 def rollout_dataset(output: str, *, shuffle: int = 0, seed: int = 0, storage_options: dict[str, Any] | None = None,

@@ -12,13 +12,12 @@ import shutil
 import pytest
 import torch
 import webdataset as wds
-from conftest import fake_samples
+from conftest import write_fake_run
 
-from pipeline import sink
 from pipeline.loader import (ShardError, collate_windows, random_access, read_metadata, read_schema, rollout_dataset,
                              rollout_windows, shard_urls)
 from pipeline.samples import FIELDS
-from pipeline.schema import SCHEMA_FILE, metadata_path, schema_document, shard_metadata
+from pipeline.schema import SCHEMA_FILE, schema_document
 from pipeline.storage import Store
 
 KEYS = [f"ld-{i:03d}" for i in range(6)]
@@ -26,16 +25,7 @@ FRAMES = 5
 
 
 def write_run(store: Store, described: bool = True) -> None:
-    """Three shards of two samples; ``described`` adds schema.json and the shards' metadata tables
-    (what the sink writes since format 2)."""
-    for unit in range(3):
-        samples = fake_samples(KEYS[2 * unit: 2 * unit + 2], frames=FRAMES)
-        marker = sink.commit_unit(store, unit, samples, {"rows": [], "errors": []})
-        if described:
-            store.write_bytes(metadata_path(marker["shard"]), shard_metadata(samples))
-    if described:
-        store.write_json(SCHEMA_FILE, schema_document("tiny"))
-    sink.finalize(store, "loader-test", sink.committed_units(store), {}, [])
+    write_fake_run(store, KEYS, frames=FRAMES, described=described)
 
 
 @pytest.fixture(scope="module")
