@@ -176,6 +176,7 @@ def _verified_shards(sources: Iterable[dict[str, Any]], expected: dict[str, dict
             logger.warning("skipping %s", exc)
             continue
         yield dict(source, stream=spool)
+        spool.close()  # the tar expander has read the whole shard by the time it asks for the next
 
 
 def _check_on_error(on_error: str) -> None:
