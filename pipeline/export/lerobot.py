@@ -33,7 +33,7 @@ import fsspec
 import numpy as np
 
 from pipeline.loader import read_schema, rollout_files
-from pipeline.samples import ARRAYS, decode_sample
+from pipeline.samples import ARRAYS, DEPTH_LOG_STEP, decode_sample
 from pipeline.storage import is_local_uri
 
 CODEBASE_VERSION = "v3.0"
@@ -63,36 +63,43 @@ def task_text(meta: dict[str, Any]) -> str:
 
 @dataclass
 class RunningStats:
-    """min, max, mean, std and count of one feature, reduced over ``axes`` of each batch."""
+    """min, max, mean, std (over finite values) and frame count of one feature, reduced over ``axes``
+    of each batch of frames."""
 
     axes: tuple[int, ...]
-    count: int = 0
+    frames: int = 0
+    finite: Any = 0
     total: Any = 0.0
     squares: Any = 0.0
-    low: Any = None
-    high: Any = None
+    low: Any = np.inf
+    high: Any = -np.inf
 
     def add(self, batch: np.ndarray) -> None:
         batch = np.asarray(batch, dtype=np.float64)
-        finite = np.where(np.isfinite(batch), batch, np.nan)
-        self.count += int(batch.shape[0])
-        self.total = self.total + np.nansum(finite, axis=self.axes, keepdims=True)[0]
-        self.squares = self.squares + np.nansum(finite ** 2, axis=self.axes, keepdims=True)[0]
-        low, high = np.nanmin(finite, axis=self.axes, keepdims=True)[0], np.nanmax(finite, axis=self.axes, keepdims=True)[0]
-        self.low = low if self.low is None else np.fmin(self.low, low)
-        self.high = high if self.high is None else np.fmax(self.high, high)
+        finite = np.isfinite(batch)
+        values = np.where(finite, batch, 0.0)
 
-    def values(self, per_frame: int) -> dict[str, list]:
-        """The figures as lists; ``per_frame`` is how many values of one frame each mean covers."""
-        n = max(self.count * per_frame, 1)
-        mean = self.total / n
-        std = np.sqrt(np.maximum(self.squares / n - mean ** 2, 0.0))
+        def reduce(array: np.ndarray, how=np.sum) -> np.ndarray:
+            return how(array, axis=self.axes, keepdims=True)[0]
+
+        self.frames += int(batch.shape[0])
+        self.finite = self.finite + reduce(finite)
+        self.total = self.total + reduce(values)
+        self.squares = self.squares + reduce(values ** 2)
+        self.low = np.minimum(self.low, reduce(np.where(finite, batch, np.inf), np.min))
+        self.high = np.maximum(self.high, reduce(np.where(finite, batch, -np.inf), np.max))
+
+    def values(self) -> dict[str, list]:
+        count = np.maximum(self.finite, 1)
+        mean = self.total / count
+        std = np.sqrt(np.maximum(self.squares / count - mean ** 2, 0.0))
         return {"min": _list(self.low), "max": _list(self.high), "mean": _list(mean), "std": _list(std),
-                "count": [self.count]}
+                "count": [self.frames]}
 
 
 def _list(array: Any) -> list:
-    return np.nan_to_num(np.asarray(array, dtype=np.float64), nan=0.0).tolist()
+    """JSON numbers; a feature with no finite value (a path never commanded) gets zeros."""
+    return np.nan_to_num(np.asarray(array, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0).tolist()
 
 
 FEATURE_OF = {"depth": "observation.depth", "k": "observation.camera.intrinsics", "c2w": "observation.camera.c2w",
@@ -114,7 +121,8 @@ def feature_spec(height: int, width: int, video: dict[str, Any], fps: int, metri
                        "video.channels": 3, "has_audio": False}},
         "observation.depth": {"dtype": "float32", "shape": [height, width], "names": ["height", "width"],
                               "info": {"unit": unit, "metric": metric, "range": depth_range,
-                                       "relative_error_max": 0.005, "zero": "no depth at this pixel",
+                                       "relative_error_max": float(np.expm1(DEPTH_LOG_STEP / 2)),
+                                       "zero": "no depth at this pixel",
                                        "meaning": "z-depth along the optical axis"}},
         "observation.camera.intrinsics": {"dtype": "float32", "shape": [3, 3], "names": ["row", "col"],
                                           "info": {"unit": "pixels of the video frame", "model": "pinhole K"}},
@@ -247,7 +255,7 @@ def _write(run: str, root: str, storage_options: dict[str, Any], on_error: str) 
     tasks: dict[str, int] = {}
     episodes: list[dict[str, Any]] = []
     stats: dict[str, RunningStats] = {}
-    fps = video = size = metric = None
+    fps = video = size = metric = model = None
     depth_range = [np.inf, -np.inf]
     total = 0
     for sample in rollout_files(run, storage_options=storage_options, on_error=on_error):
@@ -256,6 +264,7 @@ def _write(run: str, root: str, storage_options: dict[str, Any], on_error: str) 
         episode, frames = len(episodes), int(meta["frames"])
         if fps is None:
             fps, metric, video = int(meta["fps"]), decoded["depth_is_metric"], _video_info(sample["rgb.mp4"])
+            model = meta.get("model")
             size = decoded["depth"].shape[1:]
         elif int(meta["fps"]) != fps or decoded["depth"].shape[1:] != size:
             raise ExportError(f"sample {sample['__key__']}: {meta['fps']} fps at {decoded['depth'].shape[1:]}, the "
@@ -286,15 +295,14 @@ def _write(run: str, root: str, storage_options: dict[str, Any], on_error: str) 
     data.close()
     if not episodes:
         raise ExportError(f"run {run} has no samples to export")
-    per_frame = {RGB: size[0] * size[1], "observation.depth": size[0] * size[1]}
     os.makedirs(os.path.join(root, "meta", "episodes", "chunk-000"), exist_ok=True)
     pq.write_table(pa.Table.from_pylist(episodes), os.path.join(root, EPISODES_PATH))
     pd.DataFrame({"task_index": list(tasks.values())}, index=list(tasks)).to_parquet(
         os.path.join(root, "meta", "tasks.parquet"))
     with open(os.path.join(root, "meta", "stats.json"), "w") as f:
-        json.dump({name: s.values(per_frame.get(name, 1)) for name, s in stats.items()}, f, indent=2)
+        json.dump({name: s.values() for name, s in stats.items()}, f, indent=2)
     info = {
-        "codebase_version": CODEBASE_VERSION, "robot_type": f"hero-rollouts/{meta.get('model')}",
+        "codebase_version": CODEBASE_VERSION, "robot_type": f"hero-rollouts/{model}",
         "total_episodes": len(episodes), "total_frames": total, "total_tasks": len(tasks),
         "chunks_size": CHUNKS_SIZE, "data_files_size_in_mb": DATA_FILE_MB, "video_files_size_in_mb": VIDEO_FILE_MB,
         "fps": fps, "splits": {"train": f"0:{len(episodes)}"}, "data_path": DATA_PATH, "video_path": VIDEO_PATH,
