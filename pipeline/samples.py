@@ -109,9 +109,12 @@ def decode_depth(data: bytes, encoding: dict[str, Any]) -> np.ndarray:
     if encoding.get("codec") != DEPTH_CODEC:
         raise ValueError(f"depth.mkv: unknown depth codec {encoding.get('codec')!r}; this reader knows {DEPTH_CODEC!r}")
     with av.open(io.BytesIO(data)) as container:
-        codes = np.stack([frame.to_ndarray(format="gray16le") for frame in container.decode(container.streams.video[0])])
-    depth = np.exp(encoding["log_min"] + (codes.astype(np.float64) - 1) * encoding["step"])
-    return np.where(codes > 0, depth, 0.0).astype(np.float32)
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = _threads(stream.codec_context.height, stream.codec_context.width)
+        codes = np.stack([frame.to_ndarray(format="gray16le") for frame in container.decode(stream)])
+    table = np.exp(encoding["log_min"] + (np.arange(int(codes.max()) + 1) - 1) * encoding["step"]).astype(np.float32)
+    table[0] = 0.0
+    return table[codes]
 
 
 def issued_actions(deltas: np.ndarray) -> np.ndarray:
