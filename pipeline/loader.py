@@ -281,16 +281,17 @@ def clip_windows(clip: dict[str, Any], length: int, stride: int, frame_step: int
     frames = int(meta["frames"])
     fps = float(meta.get("fps") or 1.0)
     for start in window_starts(frames, length, stride, frame_step):
-        index = torch.arange(start, start + length * frame_step, frame_step)
+        frames_of = slice(start, start + (length - 1) * frame_step + 1, frame_step)  # views, not copies
+        index = torch.arange(frames_of.start, frames_of.stop, frame_step)
         window: dict[str, Any] = {"__key__": clip["__key__"], "start": start, "frame_index": index,
                                   "timestamp": index.float() / fps, "fps": fps,
                                   "depth_is_metric": clip["depth_is_metric"], "meta": meta}
         for name in ("rgb", "depth", "k"):
             if name in clip:
-                window[name] = clip[name][index]
+                window[name] = clip[name][frames_of]
         for name in ("c2w", "commanded_c2w"):
             if name in clip:
-                window[name] = _rebase(clip[name][index])
+                window[name] = _rebase(clip[name][frames_of])
         if "actions" in clip:
             window["actions"] = _window_actions(clip, index, frame_step, frames)
         yield window
