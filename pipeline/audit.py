@@ -57,12 +57,13 @@ def _finite(value: float) -> float | None:
 
 def audit_summary(audits: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """``summary.json``'s ``audit`` from the audited samples' ``meta["audit"]`` records: per
-    accelerator, how many were audited and the distribution (mean, std, median, min, max) of each
-    drift figure over them."""
+    accelerator, how many were audited, how many of those audits failed (their full-compute run
+    raised; the sample itself is kept), and the distribution (mean, std, median, min, max) of each
+    drift figure over the others."""
     by_accelerator: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for audit in audits:
         by_accelerator[audit["accelerator"]].append(audit)
-    return {name: {"audited": len(audits),
+    return {name: {"audited": len(audits), "failed": sum("error" in audit for audit in audits),
                    **{figure: _json_stats(metrics.summarize([a[figure] if a.get(figure) is not None else math.nan
                                                              for a in audits]))
                       for figure in DRIFT_FIGURES}}

@@ -75,7 +75,16 @@ def test_summary_aggregates_drift_per_accelerator(audited_hero):
     second = dict(audited_hero, audit=dict(audited_hero["audit"], psnr_db=10.0))
     metas = [audited_hero, second, {"id": "not-audited"}]
     summary = audit_summary(meta["audit"] for meta in metas if "audit" in meta)
-    assert set(summary) == {"hero"} and summary["hero"]["audited"] == 2
+    assert set(summary) == {"hero"} and summary["hero"]["audited"] == 2 and summary["hero"]["failed"] == 0
     assert summary["hero"]["psnr_db"]["min"] == 10.0
     assert summary["hero"]["psnr_db"]["max"] == pytest.approx(audited_hero["audit"]["psnr_db"])
     json.dumps(summary, allow_nan=False)
+
+
+def test_a_failed_audit_keeps_the_sample_and_is_counted(tmp_path, monkeypatch):
+    monkeypatch.setenv("HERO_FAULT_AUDIT_ERROR", "1")
+    monkeypatch.setenv("HERO_FAULT_DIR", str(tmp_path))
+    meta = generate("hero", 1.0)
+    assert meta["audit"] == {"accelerator": "hero", "error": "RuntimeError: injected audit failure"}
+    summary = audit_summary([meta["audit"]])["hero"]
+    assert summary["audited"] == 1 and summary["failed"] == 1 and summary["psnr_db"]["count"] == 0

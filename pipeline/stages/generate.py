@@ -119,7 +119,11 @@ class GenerateRollouts:
         started = time.perf_counter()
         self.accelerator.remove()
         try:
+            if faults.inject("audit_error"):
+                raise RuntimeError("injected audit failure")
             full = self._run([requests[i] for i in chosen])
+        except Exception as exc:  # a failed audit costs no sample: the failure is recorded instead
+            return {i: {"accelerator": self.accel_name, "error": f"{type(exc).__name__}: {exc}"} for i in chosen}
         finally:
             self.accelerator = apply_accelerator(self.model.transformer, self.accel_name, **self.accel_options)
         seconds = (time.perf_counter() - started) / len(chosen)
