@@ -63,6 +63,15 @@ class GenerateConfig(_Section):
     steps: int | None = Field(None, ge=1, description="denoising steps for every row (None: the row's or the model's)")
 
 
+class AuditConfig(_Section):
+    """Quality audit (:mod:`pipeline.audit`): re-generate about ``fraction`` of the rows, chosen by
+    a hash of their id and ``seed``, at full compute (accelerator off) and record the accelerator's
+    drift against it (PSNR, depth AbsRel, pose error) in their meta.json and in summary.json."""
+
+    fraction: float = Field(0.0, ge=0, le=1, description="share of rows audited, e.g. 0.01; 0 turns it off")
+    seed: int = Field(0, ge=0)
+
+
 class SinkConfig(_Section):
     """Shards and storage: rows per shard (the unit of commit and resume), retries, fsspec options."""
 
@@ -92,6 +101,7 @@ class JobConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     accel: AccelConfig = Field(default_factory=AccelConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     sink: SinkConfig = Field(default_factory=SinkConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

@@ -28,11 +28,11 @@ from typing import Any
 
 from pipeline import faults, sink
 from pipeline.config import ConfigError, JobConfig
-from pipeline.plan import Unit, mismatched_unit, plan_units
-from pipeline.samples import FIELDS, decode_sample
 from pipeline.manifest import RowError
+from pipeline.plan import Unit, mismatched_unit, plan_units
 from pipeline.redact import redact, redact_text
-from pipeline.sources import InputError, read_manifest
+from pipeline.samples import FIELDS, decode_sample
+from pipeline.sources import InputError, InputUnavailable, read_manifest
 from pipeline.stages.rows import unpack_files
 from pipeline.storage import Store
 
@@ -242,7 +242,11 @@ def run(config: JobConfig) -> int:
     print(f"hero-rollouts: run {config.run_id}\n  input  {redact_text(config.input)}\n"
           f"  output {redact_text(store.url())}\n  model  {config.model.name} (accelerator: {config.accel.name})",
           flush=True)
-    units, committed, unread = plan(config, store)  # before run.json: a bad input leaves no trace
+    try:
+        units, committed, unread = plan(config, store)  # before run.json: a bad input leaves no trace
+    except InputUnavailable as exc:
+        print(f"error: {exc}; nothing was planned past it, rerun to resume", file=sys.stderr, flush=True)
+        return 1
     check_run_record(store, config)
     stale = sink.clean_stale(store, committed)
     todo = [unit for unit in units if unit.number not in committed]

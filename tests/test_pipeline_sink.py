@@ -21,7 +21,7 @@ def test_commit_publishes_a_verified_shard_and_marker(tmp_path):
     assert store.sha256(marker["shard"]) == marker["sha256"]
     with tarfile.open(tmp_path / "out" / marker["shard"]) as tar:
         names = tar.getnames()
-    assert names[:5] == [f"a-1.{field}" for field in ("rgb.mp4", "depth.npz", "camera.npz", "action.npy", "meta.json")]
+    assert names[:5] == [f"a-1.{field}" for field in ("rgb.mp4", "depth.mkv", "camera.npz", "action.npy", "meta.json")]
     assert store.listdir(sink.STAGING_DIR) == []
     assert sink.committed_units(store) == {3: json.loads(json.dumps(marker))}
 

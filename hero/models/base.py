@@ -10,12 +10,14 @@ read them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 
 from hero import geometry
+
+if TYPE_CHECKING:  # the declarations here load without torch: manifests and the CLI read them
+    import torch
 
 
 @dataclass(frozen=True)
