@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hero.accelerators import ACCELERATORS, apply_accelerator
-from hero.cache.tiny import sample, tiny_cogvideox
+from bench.tiny_transformers import sample, tiny_cogvideox
 
 STEPS = 8
 BUILT_IN = ("none", "hero", "hero-fast", "hero-quality", "pab", "pab-fast", "fastercache", "fbc",

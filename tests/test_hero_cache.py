@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from hero.cache import (HeroConfig, StepMode, apply_hero, hero_stats, remove_hero, reset_hero,
                         schedule)
 from hero.cache.hooks import root_hook
-from hero.cache.tiny import TinyVideoModel, tiny_cogvideox, tiny_wan
+from bench.tiny_transformers import TinyVideoModel, tiny_cogvideox, tiny_wan
 
 FAMILIES = {"cogvideox": tiny_cogvideox, "wan": tiny_wan}
 

@@ -15,7 +15,7 @@ from hero.cache import (HeroConfig, StepMode, apply_hero, choose_split, hero_sta
 from hero.cache.attention import attention
 from hero.cache.extrapolate import ResidualHistory, extrapolate_linear
 from hero.cache.refresh import RefreshTracker, build_layout
-from hero.cache.tiny import sample, tiny_cogvideox
+from bench.tiny_transformers import sample, tiny_cogvideox
 
 
 

@@ -8,10 +8,9 @@ calibration that ``HeroConfig(split="auto", calibration_path=...)`` reads.
 
 from hero.cache.adapters import ADAPTERS, BlockAdapter, adapter_for, register_adapter
 from hero.cache.config import PRESETS, HeroConfig, load_calibration
-from hero.cache.hooks import apply_hero, remove_hero, reset_hero
+from hero.cache.hooks import apply_hero, hero_stats, remove_hero, reset_hero
 from hero.cache.probe import FeatureCouplingProbe, choose_split, run_probe
 from hero.cache.schedule import StepMode, schedule, step_mode
-from hero.cache.stats import hero_stats
 
 __all__ = ["ADAPTERS", "PRESETS", "BlockAdapter", "FeatureCouplingProbe", "HeroConfig", "StepMode",
            "adapter_for", "apply_hero", "choose_split", "hero_stats", "load_calibration",

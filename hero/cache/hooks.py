@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
+from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -23,6 +23,7 @@ from hero.cache.adapters import (BlockAdapter, BlockInputs, KeyValue, adapter_fo
                                  bind_model_inputs, gather_tokens, reuse_residuals)
 from hero.cache.config import HeroConfig
 from hero.cache.extrapolate import ResidualHistory
+from hero.cache.hooking import StepClock, find_hook, input_signature, install_hooks, uninstall_hooks
 from hero.cache.refresh import RefreshTracker, build_layout
 from hero.cache.schedule import StepMode, step_mode
 from hero.cache.stats import GenerationStats, summarize
@@ -38,12 +39,11 @@ class HeroState(BaseState):
     """Everything one cache context remembers within one generation."""
 
     def __init__(self) -> None:
-        self.signature: tuple | None = None
-        self.num_steps: int | None = None
-        self.next_counted_step = 0
-        self._clear()
+        self.clock = StepClock()
+        self.start_generation()
 
-    def _clear(self) -> None:
+    def start_generation(self) -> None:
+        """Forget every cached tensor and counter: a new generation (or new shapes) begins."""
         self.step = -1
         self.mode = StepMode.FULL
         self.counting = False
@@ -58,10 +58,6 @@ class HeroState(BaseState):
 
     def reset(self) -> None:
         self.__init__()
-
-    def start_generation(self, signature: tuple, num_steps: int) -> None:
-        self.signature, self.num_steps = signature, num_steps
-        self._clear()
 
     @property
     def nbytes(self) -> int:
@@ -146,11 +142,16 @@ class HeroRootHook(ModelHook):
         state: HeroState = self.state_manager.get_state()
         inputs = bind_model_inputs(module, args, kwargs)
         grid = runtime.adapter.token_grid(module, inputs)
-        signature = _signature(grid, inputs)
-        step, num_steps = _position(context, state, config, signature)
-        if signature != state.signature or num_steps != state.num_steps or step <= state.step:
-            state.start_generation(signature, num_steps)
-        mode = step_mode(step, num_steps, config) if state.ready else StepMode.FULL
+        signature = (grid, input_signature(inputs))
+        position = state.clock.advance(context, signature, config.num_inference_steps)
+        if position.num_steps is None:
+            raise ValueError(f"HERO needs the step count: call the transformer under cache_context("
+                             f"{context.name!r}, step_index=i, num_inference_steps=S) or set "
+                             "HeroConfig.num_inference_steps")
+        if position.new_generation:
+            state.start_generation()
+        step = position.step
+        mode = step_mode(step, position.num_steps, config) if state.ready else StepMode.FULL
         batch = int(inputs["hidden_states"].shape[0])
         self._begin_step(state, step, mode, grid, batch, inputs["hidden_states"].device)
         key = (signature, mode)
@@ -294,34 +295,11 @@ class HeroDeepBlockHook(ModelHook):
         return adapter.pack_output(hidden, encoder)
 
 
-def _signature(grid: tuple[int, int, int], inputs: dict[str, Any]) -> tuple:
-    """What must stay the same for cached tensors to be reusable: grid and every input's shape."""
-    shapes = tuple((name, tuple(value.shape), str(value.dtype), str(value.device))
-                   for name, value in inputs.items() if isinstance(value, torch.Tensor))
-    return (grid, shapes)
-
-
-def _position(context: CacheContext, state: HeroState, config: HeroConfig, signature: tuple
-              ) -> tuple[int, int]:
-    """(step index, step count) from the cache context; steps are counted when it lacks them."""
-    num_steps = context.num_inference_steps or config.num_inference_steps
-    if num_steps is None:
-        raise ValueError(f"HERO needs the step count: call the transformer under cache_context("
-                         f"{context.name!r}, step_index=i, num_inference_steps=S) or set "
-                         "HeroConfig.num_inference_steps")
-    if context.step_index is not None:
-        return int(context.step_index), int(num_steps)
-    if signature != state.signature:
-        state.next_counted_step = 0
-    step = state.next_counted_step % num_steps
-    state.next_counted_step = step + 1
-    return step, int(num_steps)
 
 
 def root_hook(transformer: nn.Module) -> HeroRootHook | None:
     """The HERO root hook of ``transformer``, or None when HERO is not applied."""
-    registry = getattr(transformer, "_diffusers_hook", None)
-    return None if registry is None else registry.get_hook(ROOT_HOOK)
+    return find_hook(transformer, ROOT_HOOK)
 
 
 def apply_hero(transformer: nn.Module, config: HeroConfig | None = None) -> None:
@@ -334,27 +312,18 @@ def apply_hero(transformer: nn.Module, config: HeroConfig | None = None) -> None
     num_layers = len(blocks)
     runtime = HeroRuntime(config, adapter, num_layers, config.resolve_split(num_layers))
     manager = StateManager(HeroState)
-    for i, block in enumerate(blocks):
-        registry = HookRegistry.check_if_exists_or_initialize(block)
-        if i < runtime.split:
-            registry.register_hook(HeroShallowBlockHook(manager, runtime, i), SHALLOW_HOOK)
-        else:
-            registry.register_hook(HeroDeepBlockHook(manager, runtime, i == runtime.split,
-                                                     i == num_layers - 1), DEEP_HOOK)
-    root = HookRegistry.check_if_exists_or_initialize(transformer)
-    root.register_hook(HeroRootHook(manager, runtime), ROOT_HOOK)
-    root.invalidate_child_registries_cache()
+    block_hooks = [(block, SHALLOW_HOOK, HeroShallowBlockHook(manager, runtime, i))
+                   if i < runtime.split else
+                   (block, DEEP_HOOK, HeroDeepBlockHook(manager, runtime, i == runtime.split,
+                                                        i == num_layers - 1))
+                   for i, block in enumerate(blocks)]
+    install_hooks(transformer, block_hooks, (ROOT_HOOK, HeroRootHook(manager, runtime)))
 
 
 def remove_hero(transformer: nn.Module) -> None:
     """Remove HERO's hooks and state; the model's own ``forward`` methods are back as they were."""
-    if root_hook(transformer) is None:
-        return
-    registry = transformer._diffusers_hook
-    for name in HOOK_NAMES:
-        registry.remove_hook(name, recurse=True)
-    registry.invalidate_child_registries_cache()
-    drop_empty_registries([transformer, *adapter_for(transformer).blocks(transformer)])
+    if root_hook(transformer) is not None:
+        uninstall_hooks(transformer, HOOK_NAMES, adapter_for(transformer).blocks(transformer))
 
 
 def reset_hero(transformer: nn.Module) -> None:
@@ -365,15 +334,9 @@ def reset_hero(transformer: nn.Module) -> None:
     hook.reset_state(transformer)
 
 
-def drop_empty_registries(modules: Any) -> None:
-    """Undo what emptied diffusers hook registries left on ``modules``: the registry itself and the
-    instance attribute ``forward`` pinned to the class's own method."""
-    for module in modules:
-        registry = module.__dict__.get("_diffusers_hook")
-        if registry is None or registry.hooks:
-            continue
-        del module._diffusers_hook
-        forward = module.__dict__.get("forward")
-        if getattr(forward, "__self__", None) is module and \
-                getattr(forward, "__func__", None) is type(module).forward:
-            del module.forward
+def hero_stats(transformer: nn.Module) -> dict[str, Any]:
+    """Statistics of the latest generation of every cache context of a HERO-accelerated model."""
+    hook = root_hook(transformer)
+    if hook is None:
+        raise ValueError(f"HERO is not applied to this {type(transformer).__name__}")
+    return hook.stats()

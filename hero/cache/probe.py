@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
+from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 from torch import nn
 
 from hero.cache.adapters import BlockAdapter, adapter_for
-from hero.cache.hooks import drop_empty_registries
+from hero.cache.hooking import install_hooks, uninstall_hooks
 
 PROBE_HOOK = "hero_feature_coupling_probe"
 
@@ -77,10 +77,9 @@ class FeatureCouplingProbe:
         self.adapter = adapter_for(transformer)
         self.state = StateManager(_ProbeState)
         self.blocks = list(self.adapter.blocks(transformer))
-        for i, block in enumerate(self.blocks):
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(
-                _ProbeHook(self.state, self.adapter, i, max_tokens), PROBE_HOOK)
-        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+        install_hooks(transformer, [(block, PROBE_HOOK, _ProbeHook(self.state, self.adapter, i,
+                                                                   max_tokens))
+                                    for i, block in enumerate(self.blocks)])
 
     def profile(self) -> list[float]:
         """Mean relative residual change per block, over steps and cache contexts."""
@@ -99,10 +98,7 @@ class FeatureCouplingProbe:
         return [states[0].changes.get(i, []) for i in range(len(self.blocks))] if states else []
 
     def remove(self) -> None:
-        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
-        registry.remove_hook(PROBE_HOOK, recurse=True)
-        registry.invalidate_child_registries_cache()
-        drop_empty_registries([self.transformer, *self.blocks])
+        uninstall_hooks(self.transformer, (PROBE_HOOK,), self.blocks)
 
 
 def choose_split(profile: list[float], min_shallow: int = 1, min_deep: int = 1) -> int:

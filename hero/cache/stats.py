@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils import flop_counter
 
 
@@ -93,13 +92,3 @@ def _describe(stats: GenerationStats, nbytes: int) -> dict[str, Any]:
 
 def _add(a: int | None, b: int | None) -> int | None:
     return None if a is None or b is None else a + b
-
-
-def hero_stats(transformer: nn.Module) -> dict[str, Any]:
-    """Statistics of the latest generation of every cache context of a HERO-accelerated model."""
-    from hero.cache.hooks import root_hook
-
-    hook = root_hook(transformer)
-    if hook is None:
-        raise ValueError(f"HERO is not applied to this {type(transformer).__name__}")
-    return hook.stats()
