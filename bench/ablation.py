@@ -37,7 +37,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                            {"shallow_fraction": 0.0}),
     "recompute keys/values": ("keys/values of every token recomputed on PARTIAL steps",
                               {"kv_mode": "recompute_kv"}),
-    "rate tracking": ("fast-changing tokens refreshed first (rate_weight=1)", {"rate_weight": 1.0}),
+    "rate tracking": ("tokens with the largest expected drift refreshed first",
+                      {"selection": "drift"}),
 }
 
 

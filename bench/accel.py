@@ -117,14 +117,16 @@ def timed_run(workload: Workload, method: Method) -> TimedRun:
 
 
 def coupling_profile(workload: Workload) -> dict[str, Any]:
-    """HERO's feature-coupling probe over one full sampling (also the warm-up run)."""
+    """HERO's feature-coupling probe over one full sampling (also the warm-up run): per block the
+    forecast error (``profile``, what the split follows) and the change between steps."""
     probe = FeatureCouplingProbe(workload.model.transformer)
     try:
         workload.sample()
-        profile = probe.profile()
+        profiles = probe.recorder().profiles()
     finally:
         probe.remove()
-    return {"profile": profile, "split": choose_split(profile)}
+    return {"profile": profiles["forecast_error"], "change": profiles["change"],
+            "split": choose_split(profiles["forecast_error"])}
 
 
 def bench_workload(workload: Workload, methods: list[Method], settings: Settings, timed: bool

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from bench.measure import count_flops, steady_cpu_allocator
 from bench.report import json_safe, number_text
 from bench.workloads import AetherShape, aether_shaped_workload
-from hero.cache.adapters import BlockInputs, adapter_for
+from hero.cache.adapters import BlockInputs, Selection, adapter_for
 from hero.cache.config import HeroConfig
 from hero.cache.hooks import KERNELS
 from hero.cache.refresh import RefreshTracker, build_layout
@@ -49,10 +49,12 @@ def block_calls(shape: AetherShape, config: HeroConfig | None = None
 
     def partial_call(inputs: BlockInputs, grid: tuple[int, int, int]) -> Callable[[], Any]:
         layout = build_layout(grid, config.patch_size, config.tokens_per_patch)
-        index = RefreshTracker(layout, inputs.hidden.shape[0], "cpu").select()
+        selection = Selection(RefreshTracker(layout, inputs.hidden.shape[0], "cpu").select())
+        adapter.prepare(selection, inputs)
         with torch.no_grad():
             _, _, residual, key_value = keyed(adapter, block, inputs, backend)
-        return lambda: partial(adapter, block, inputs, index, residual, key_value, backend, False)
+        return lambda: partial(adapter, block, inputs, selection, residual, key_value, None,
+                               backend, config.refreshes_condition)
 
     def modulation() -> Any:
         condition = F.silu(full.temb)

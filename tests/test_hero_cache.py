@@ -56,7 +56,8 @@ def test_all_full_schedule_is_bit_identical(family):
 def test_refreshing_every_token_matches_full(family, kv_mode):
     model, inputs, text, reference = family
     num_layers = len(root_free_blocks(model))
-    apply_hero(model.transformer, HeroConfig(rho=1.0, split=num_layers, kv_mode=kv_mode))
+    apply_hero(model.transformer, HeroConfig(rho=1.0, split=num_layers, kv_mode=kv_mode,
+                                             refresh_condition=True))
     try:
         outputs = run(model, inputs, text)
         stats = hero_stats(model.transformer)
@@ -162,7 +163,7 @@ def test_cfg_contexts_keep_separate_caches(family):
 
 def test_batch_rows_do_not_leak():
     model = tiny_cogvideox()
-    config = HeroConfig(rate_weight=1.0)
+    config = HeroConfig(selection="drift", shallow_forecast="linear")
     first = drifting_latents(model, 6, 1, seed=0)
     partners = [drifting_latents(model, 6, 1, seed=s) for s in (3, 4)]
     text = model.text(1).expand(2, -1, -1)
@@ -314,7 +315,7 @@ def test_every_call_of_a_kind_executes_the_same_flops():
     the schedule's counts (static shapes, data-independent schedule)."""
     model = tiny_cogvideox(num_layers=3)
     inputs, text = drifting_latents(model, 9), model.text(1)
-    config = HeroConfig(rate_weight=1.0)
+    config = HeroConfig(selection="drift", shallow_forecast="linear")
     apply_hero(model.transformer, config)
     try:
         with FlopCounterMode(display=False) as counter:

@@ -26,16 +26,16 @@ from hero.accelerators.magcache import MAGCACHE
 from hero.baselines import (FORA_PRESETS, TOCA_PRESETS, ForaConfig, TocaConfig, apply_fora,
                             apply_toca, fora_stats, remove_fora, remove_toca, toca_stats)
 from hero.cache.config import HeroConfig
-from hero.cache.hooks import apply_hero, hero_stats, remove_hero
+from hero.cache.hooks import apply_hero, hero_stats, remove_hero, transformer_of
 
 __all__ = ["ACCELERATORS", "Accelerator", "AcceleratorSpec", "apply_accelerator",
            "register_accelerator"]
 
 
 def _hero(preset: str) -> Callable[[str, nn.Module, dict[str, Any]], Accelerator]:
-    return lambda name, transformer, options: HookAccelerator(
-        name, transformer, options,
-        lambda module, opts: apply_hero(module, HeroConfig.preset(preset, **opts)),
+    return lambda name, model, options: HookAccelerator(
+        name, model, options,
+        lambda target, opts: apply_hero(target, HeroConfig.preset(preset, **opts)),
         remove_hero, hero_stats)
 
 
@@ -45,9 +45,13 @@ def _hero_spec(preset: str, description: str) -> AcceleratorSpec:
 
 def _baseline(description: str, preset: dict[str, Any], config_class: type,
               apply: Callable, remove: Callable, stats: Callable) -> AcceleratorSpec:
-    factory = lambda name, transformer, options: HookAccelerator(
-        name, transformer, options, lambda module, opts: apply(module, config_class(**opts)),
-        remove, stats)
+    def on_transformer(function: Callable) -> Callable:
+        return lambda model, *rest: function(transformer_of(model)[0], *rest)
+
+    factory = lambda name, model, options: HookAccelerator(
+        name, model, options,
+        on_transformer(lambda module, opts: apply(module, config_class(**opts))),
+        on_transformer(remove), on_transformer(stats))
     return AcceleratorSpec(description, dict(preset), factory,
                            tuple(config_class.__dataclass_fields__))
 
@@ -79,9 +83,11 @@ def register_accelerator(name: str, spec: AcceleratorSpec) -> None:
     ACCELERATORS[name] = spec
 
 
-def apply_accelerator(transformer: nn.Module, name: str, **options: Any) -> Accelerator:
-    """Apply the accelerator registered as ``name`` (preset options, overridden by ``options``)."""
+def apply_accelerator(model: nn.Module | Any, name: str, **options: Any) -> Accelerator:
+    """Apply the accelerator registered as ``name`` (preset options, overridden by ``options``) to
+    a transformer, or to the transformer of a pipeline or world model (HERO then reads the step
+    count from its scheduler)."""
     if name not in ACCELERATORS:
         raise ValueError(f"accel: unknown accelerator {name!r}; choose from {sorted(ACCELERATORS)}")
     spec = ACCELERATORS[name]
-    return spec.apply(name, transformer, spec.options(name, options))
+    return spec.apply(name, model, spec.options(name, options))

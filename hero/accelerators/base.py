@@ -7,16 +7,21 @@ from typing import Any, Callable
 
 from torch import nn
 
+from hero.cache.hooks import transformer_of
+
 
 class Accelerator:
     """An accelerator applied to one transformer: statistics, per-generation reset, removal.
 
-    The base class is the model as it is (``--accel none``).
+    ``model`` is the transformer or what holds it (a diffusers pipeline or a world model, whose
+    scheduler HERO reads the step count from). The base class is the model as it is
+    (``--accel none``).
     """
 
-    def __init__(self, name: str, transformer: nn.Module, options: dict[str, Any]) -> None:
+    def __init__(self, name: str, model: nn.Module | Any, options: dict[str, Any]) -> None:
         self.name = name
-        self.transformer = transformer
+        self.model = model
+        self.transformer = transformer_of(model)[0]
         self.options = options
 
     def stats(self) -> dict[str, Any]:
@@ -37,22 +42,22 @@ class Accelerator:
 
 
 class HookAccelerator(Accelerator):
-    """A method installed by an ``apply``/``remove`` function pair with a statistics function:
-    HERO and the FORA/ToCa baselines."""
+    """A method installed by an ``apply``/``remove`` function pair with a statistics function,
+    each taking the model: HERO and the FORA/ToCa baselines."""
 
-    def __init__(self, name: str, transformer: nn.Module, options: dict[str, Any],
-                 apply: Callable[[nn.Module, dict[str, Any]], None],
-                 remove: Callable[[nn.Module], None],
-                 stats: Callable[[nn.Module], dict[str, Any]]) -> None:
-        super().__init__(name, transformer, options)
+    def __init__(self, name: str, model: nn.Module | Any, options: dict[str, Any],
+                 apply: Callable[[nn.Module | Any, dict[str, Any]], None],
+                 remove: Callable[[nn.Module | Any], None],
+                 stats: Callable[[nn.Module | Any], dict[str, Any]]) -> None:
+        super().__init__(name, model, options)
         self._remove, self._stats_of = remove, stats
-        apply(transformer, options)
+        apply(model, options)
 
     def _stats(self) -> dict[str, Any]:
-        return self._stats_of(self.transformer)
+        return self._stats_of(self.model)
 
     def remove(self) -> None:
-        self._remove(self.transformer)
+        self._remove(self.model)
 
 
 Factory = Callable[[str, nn.Module, dict[str, Any]], Accelerator]

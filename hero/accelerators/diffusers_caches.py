@@ -92,14 +92,14 @@ CacheBuilder = Callable[[BlockAdapter, nn.Module, dict[str, Any], CallTracker], 
 class DiffusersCacheAccelerator(Accelerator):
     """A diffusers cache enabled through ``enable_cache``, with the call tracker on top."""
 
-    def __init__(self, name: str, transformer: nn.Module, options: dict[str, Any],
+    def __init__(self, name: str, model: nn.Module | Any, options: dict[str, Any],
                  build: CacheBuilder) -> None:
-        super().__init__(name, transformer, options)
+        super().__init__(name, model, options)
         self.tracker = CallTracker(self._new_generation, self._before_call)
-        self.adapter = adapter_for(transformer)
-        self.cache_config = build(self.adapter, transformer, options, self.tracker)
+        self.adapter = adapter_for(self.transformer)
+        self.cache_config = build(self.adapter, self.transformer, options, self.tracker)
         self._enable()
-        install_hooks(transformer, [], (TRACKER_HOOK, self.tracker))
+        install_hooks(self.transformer, [], (TRACKER_HOOK, self.tracker))
 
     def _enable(self) -> None:
         self.transformer.enable_cache(self.cache_config)
@@ -202,7 +202,7 @@ def taylorseer_config(adapter: BlockAdapter, transformer: nn.Module, options: di
 def diffusers_cache(build: CacheBuilder, accelerator: type[DiffusersCacheAccelerator]
                     = DiffusersCacheAccelerator) -> Callable[..., Accelerator]:
     """The registry factory of a diffusers cache built by ``build``."""
-    return lambda name, transformer, options: accelerator(name, transformer, options, build)
+    return lambda name, model, options: accelerator(name, model, options, build)
 
 
 _PAB = dict(spatial_skip=2, cross_skip=None, timestep_range=(100, 800))

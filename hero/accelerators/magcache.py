@@ -78,11 +78,11 @@ class _MagRatioHook(ModelHook):
 class MagCacheAccelerator(DiffusersCacheAccelerator):
     """MagCache, calibrating itself on the first generation when it has no ratios."""
 
-    def __init__(self, name: str, transformer: nn.Module, options: dict[str, Any]) -> None:
+    def __init__(self, name: str, model: nn.Module | Any, options: dict[str, Any]) -> None:
         self.calibration_path = options.get("calibration_path")
         self.ratios = load_mag_ratios(options)
         self.ratio_state = StateManager(_MagRatioState)
-        super().__init__(name, transformer, options, magcache_config)
+        super().__init__(name, model, options, magcache_config)
 
     @property
     def calibrating(self) -> bool:
@@ -164,4 +164,4 @@ MAGCACHE = AcceleratorSpec(
     "most 3 in a row, first 20% never); calibrates itself on the first generation without ratios",
     dict(threshold=0.06, max_skip_steps=3, retention_ratio=0.2, num_inference_steps=None,
          mag_ratios=None, calibration_path=None),
-    lambda name, transformer, options: MagCacheAccelerator(name, transformer, options))
+    lambda name, model, options: MagCacheAccelerator(name, model, options))

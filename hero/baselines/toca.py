@@ -30,7 +30,7 @@ from torch import nn
 
 from hero.baselines.common import (FULL, PARTIAL, REUSE, Baseline, ContextStates, StepState,
                                    is_full_step)
-from hero.cache.adapters import BlockAdapter, BlockInputs, reuse_residuals
+from hero.cache.adapters import BlockAdapter, BlockInputs, Selection, reuse_residuals
 
 SCORES = ("attention", "random")
 
@@ -221,8 +221,9 @@ class TocaBlockHook(ModelHook):
     def _partial(self, module: nn.Module, cache: BlockCache, inputs: BlockInputs,
                  index: torch.Tensor) -> Any:
         """Tokens ``index`` through the block (keys/values from every token); the rest reuse."""
-        part = self.adapter.partial_forward(module, inputs, index, None, "sdpa")
-        hidden = reuse_residuals(inputs.hidden, cache.hidden, index, part)
+        selection = Selection(index)
+        part = self.adapter.partial_forward(module, inputs, selection, None, "sdpa")
+        hidden = reuse_residuals(inputs.hidden, cache.hidden, selection, part)
         if part.encoder is not None:
             cache.encoder = part.encoder - inputs.encoder
         cache.staleness.add_(1.0).scatter_(1, index, 0.0)

@@ -2,9 +2,12 @@
 
 *Patch-wise sampling*: the T×H×W token grid is cut into patches and every patch gives the same
 number of tokens, so refreshed tokens cover the frame evenly. *Frequency-aware tracking*: each
-token carries how many steps ago it was last computed (and, optionally, how fast its cached
-residual has been changing); within a patch the stalest (fastest-changing) tokens win, ties broken
-by a deterministic key that rotates with the step. No attention map is read, and the number of
+token carries how many steps ago it was last computed and how fast its residual changes (measured
+whenever it is computed). Within a patch the tokens with the largest score win, ties broken by a
+deterministic key that rotates with the step: ``"staleness"`` scores by steps since computed (after
+a FULL step all tokens are equally fresh, so at one PARTIAL step per FULL step this is round-robin);
+``"drift"`` by the expected drift of the cached residual, rate times steps since computed, so fast
+tokens are refreshed more often whatever the interval. No attention map is read, and the number of
 refreshed tokens is a function of the grid alone, so every PARTIAL step has the same shapes.
 """
 
@@ -73,12 +76,13 @@ def build_layout(grid: tuple[int, int, int], patch_size: tuple[int, int, int], p
 
 
 class RefreshTracker:
-    """Per batch row and token: steps since last computed, and the rate its residual changes."""
+    """Per batch row and token: steps since last computed, and the rate its residual changes;
+    ``selection`` is ``"staleness"`` or ``"drift"`` (module docstring)."""
 
     def __init__(self, layout: PatchLayout, batch_size: int, device: torch.device | str,
-                 rate_weight: float = 0.0, rate_momentum: float = 0.5) -> None:
+                 selection: str = "staleness", rate_momentum: float = 0.5) -> None:
         self.layout = layout
-        self.rate_weight = rate_weight
+        self.tracks_rate = selection == "drift"
         self.rate_momentum = rate_momentum
         self.staleness = torch.zeros(batch_size, layout.num_tokens, device=device)
         self.rate = torch.zeros(batch_size, layout.num_tokens, device=device)
@@ -89,10 +93,11 @@ class RefreshTracker:
         layout = self.layout
         volume = layout.patch_volume
         tie = (volume - 1 - (layout.tie_key + self.partial_steps) % volume).float() / volume
-        score = self.staleness + _TIE_SCALE * tie
-        if self.rate_weight > 0:
+        if self.tracks_rate:
             mean_rate = self.rate.mean(dim=1, keepdim=True).clamp_min(1e-12)
-            score = score + self.rate_weight * self.rate / mean_rate
+            score = (self.staleness + 1.0) * self.rate / mean_rate + _TIE_SCALE * tie
+        else:
+            score = self.staleness + _TIE_SCALE * tie
         padded = torch.cat([score, score.new_full((score.shape[0], 1), float("-inf"))], dim=1)
         in_patch = padded[:, layout.members].topk(layout.per_patch, dim=-1).indices
         chosen = layout.members.expand(score.shape[0], -1, -1).gather(-1, in_patch)
@@ -114,7 +119,7 @@ class RefreshTracker:
         ``old``/``new`` are (batch, tokens, channels) for ``refreshed`` (None: all tokens); the rate
         is the relative change per step of staleness, smoothed with ``rate_momentum``.
         """
-        if self.rate_weight == 0:
+        if not self.tracks_rate:
             return
         old, new = old.float(), new.float()
         change = (new - old).norm(dim=-1) / old.norm(dim=-1).clamp_min(1e-12)
