@@ -11,9 +11,16 @@ from hero.accelerators import ACCELERATORS, apply_accelerator
 from bench.tiny_transformers import sample, tiny_cogvideox
 
 STEPS = 8
-BUILT_IN = ("none", "hero", "hero-fast", "hero-quality", "pab", "pab-fast", "fastercache", "fbc",
-            "fbc-fast", "taylorseer", "taylorseer-fast", "magcache")
+BUILT_IN = ("none", "hero", "hero-fast", "hero-quality", "hero-turbo", "pab", "pab-fast",
+            "fastercache", "fbc", "fbc-fast", "taylorseer", "taylorseer-fast", "magcache")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def calibration_cache(tmp_path_factory):
+    """split="auto" (HERO's presets) keeps its calibrations here, not in the home folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HERO_CALIBRATION_DIR", str(tmp_path_factory.mktemp("calibration")))
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@
 ``stats()`` (JSON-safe, for ``meta.json``), ``reset()`` and ``remove()``. Names:
 
 - ``none``: the model as it is;
-- ``hero``, ``hero-fast``, ``hero-quality``: HERO (:mod:`hero.cache`) presets;
+- ``hero``, ``hero-quality``, ``hero-fast``, ``hero-turbo``: HERO (:mod:`hero.cache`) presets;
 - ``pab``, ``pab-fast``, ``fastercache``, ``fbc``, ``fbc-fast``, ``taylorseer``,
   ``taylorseer-fast`` (:mod:`~hero.accelerators.diffusers_caches`) and ``magcache``
   (:mod:`~hero.accelerators.magcache`): diffusers' own caches with this project's presets;
@@ -60,9 +60,10 @@ _HERO_OPTIONS = tuple(f for f in HeroConfig.__dataclass_fields__ if f != "preset
 
 ACCELERATORS: dict[str, AcceleratorSpec] = {
     "none": AcceleratorSpec("the model as it is", {}, Accelerator),
-    "hero": _hero_spec("default", "HERO, default preset: every other step PARTIAL, rho 0.25"),
-    "hero-fast": _hero_spec("fast", "HERO, fast preset: two PARTIAL steps per FULL step"),
-    "hero-quality": _hero_spec("quality", "HERO, quality preset: rho 0.5, longer warm-up and tail"),
+    "hero": _hero_spec("default", "HERO, default preset: two PARTIAL steps per FULL step"),
+    "hero-quality": _hero_spec("quality", "HERO, quality preset: one PARTIAL step per FULL step"),
+    "hero-fast": _hero_spec("fast", "HERO, fast preset: three PARTIAL steps per FULL step"),
+    "hero-turbo": _hero_spec("turbo", "HERO, turbo preset: five PARTIAL steps per FULL step"),
     **DIFFUSERS_CACHES,
     "magcache": MAGCACHE,
     "fora": _baseline("FORA: every block's cached residual reused on every other step",

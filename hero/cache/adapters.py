@@ -153,13 +153,11 @@ class BlockAdapter:
         return (hidden, encoder) if self.returns_encoder else hidden
 
     def partial_forward(self, block: nn.Module, inputs: BlockInputs, selection: Selection | None,
-                        key_value: KeyValue | None, backend: str, refresh_condition: bool = True
-                        ) -> PartialOutput:
+                        key_value: KeyValue | None, backend: str) -> PartialOutput:
         """Run ``block`` for the selected video tokens (None: all of them). ``key_value`` None:
-        keys/values from all tokens of the input; otherwise the cached keys/values, whose
-        refreshed tokens are overwritten in place and then attended. Condition tokens the block
-        updates are recomputed (and their keys/values rewritten) only with ``refresh_condition``;
-        otherwise they pass through and their cached keys/values are attended."""
+        keys/values from all tokens of the input, condition tokens recomputed with them;
+        otherwise the cached keys/values, whose refreshed tokens are overwritten in place and then
+        attended, and the condition tokens pass through (their cached keys/values attended)."""
         raise NotImplementedError
 
 
@@ -217,8 +215,7 @@ class CogVideoXAdapter(BlockAdapter):
                            values.get("image_rotary_emb"))
 
     def partial_forward(self, block: nn.Module, inputs: BlockInputs, selection: Selection | None,
-                        key_value: KeyValue | None, backend: str, refresh_condition: bool = True
-                        ) -> PartialOutput:
+                        key_value: KeyValue | None, backend: str) -> PartialOutput:
         x, enc, temb = inputs.hidden, inputs.encoder, inputs.temb
         text, attn = enc.shape[1], block.attn1
         x_in = x_sub = gather_tokens(x, selection)
@@ -228,11 +225,10 @@ class CogVideoXAdapter(BlockAdapter):
             q_tokens = kv_tokens if selection is None else \
                 torch.cat([norm_enc, gather_tokens(norm_all, selection)], dim=1)
             q_text = text
-        else:
-            condition = enc if refresh_condition else enc[:, :0]
-            norm_sub, norm_enc, gate, enc_gate = block.norm1(x_sub, condition, temb)
-            q_tokens = kv_tokens = torch.cat([norm_enc, norm_sub], dim=1)
-            q_text = condition.shape[1]
+        else:  # condition tokens pass through: their cached keys/values are attended
+            norm_sub, norm_enc, gate, enc_gate = block.norm1(x_sub, enc[:, :0], temb)
+            q_tokens = kv_tokens = norm_sub
+            q_text = 0
         query = _heads(attn.to_q(q_tokens), attn.heads)
         key = _heads(attn.to_k(kv_tokens), attn.heads)
         value = _heads(attn.to_v(kv_tokens), attn.heads)
@@ -246,8 +242,8 @@ class CogVideoXAdapter(BlockAdapter):
             _rotate_video_(query, q_text, cos_sub, sin_sub)
             _rotate_video_(key, q_text, *((cos[None, :, None], sin[None, :, None])
                                           if key_value is None else (cos_sub, sin_sub)))
-        if key_value is not None:
-            key, value = (_refresh_cache_(cache, text, selection, new, q_text)
+        if key_value is not None:  # cached (B, text + N, H, D): the refreshed video rows rewritten
+            key, value = (write_tokens_(cache, selection, new, offset=text)
                           for cache, new in zip(key_value, (key, value)))
         out = attention(query, key, value, backend).flatten(2).type_as(query)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -271,16 +267,6 @@ def _rope_rows(rope: tuple[torch.Tensor, torch.Tensor], selection: Selection | N
 def _rotate_video_(x: torch.Tensor, text: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate the video part (after ``text`` condition tokens) of (B, S, H, D) in place."""
     x[:, text:] = _rotate_interleaved(x[:, text:], cos, sin)
-
-
-def _refresh_cache_(cache: torch.Tensor, text: int, selection: Selection, new: torch.Tensor,
-                    new_text: int) -> torch.Tensor:
-    """A cached (B, text + N, H, D) key or value with the selected video tokens (and, when ``new``
-    holds them, ``new_text`` of them, the condition tokens) overwritten in place by ``new``
-    (B, new_text + n, H, D)."""
-    if new_text:
-        cache[:, :text] = new[:, :text]
-    return write_tokens_(cache, selection, new[:, new_text:], offset=text)
 
 
 def _wan_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -324,8 +310,7 @@ class WanAdapter(BlockAdapter):
         return terms, terms
 
     def partial_forward(self, block: nn.Module, inputs: BlockInputs, selection: Selection | None,
-                        key_value: KeyValue | None, backend: str, refresh_condition: bool = True
-                        ) -> PartialOutput:
+                        key_value: KeyValue | None, backend: str) -> PartialOutput:
         x = inputs.hidden
         attn = block.attn1
         if getattr(attn, "fused_projections", False):

@@ -8,13 +8,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from hero.cache.extrapolate import FORECASTS
 
 ATTENTION_BACKENDS = ("sdpa", "flash")
 KV_MODES = ("recompute_kv", "cached_kv")
 POSITIONS = ("timestep", "step")
 SHALLOW_FORECASTS = ("reuse", "linear")
-SELECTIONS = ("staleness", "drift")
 
 
 @dataclass
@@ -30,16 +28,14 @@ class HeroConfig:
 
     Shallow blocks ``[0, k)`` refresh a fraction ``rho`` of the video tokens on PARTIAL steps: the
     T×H×W token grid is cut into ``patch_size`` patches and every patch refreshes
-    ``rho * prod(patch_size)`` tokens (which must be a whole number), chosen by ``selection``:
-    ``"staleness"`` (stalest first, ties rotating) or ``"drift"`` (the largest expected drift:
-    each token's measured rate of change times the steps since it was computed). The other tokens
+    ``rho * prod(patch_size)`` tokens (which must be a whole number), stalest first. The other tokens
     take their cached residual (``shallow_forecast="reuse"``) or extrapolate it to first order
-    (``"linear"``). Condition (text) tokens are recomputed on PARTIAL steps only with
-    ``refresh_condition`` (or ``kv_mode="recompute_kv"``, which needs them); otherwise their
-    keys/values are those of the last FULL step, like those of the video tokens not refreshed.
-    Deep blocks ``[k, L)`` are skipped on PARTIAL steps and their residual is forecast from the
-    FULL steps (``deep_forecast``: ``"linear"``, or ``"fitted"``, linear with a per-row damping
-    fitted to how well the previous forecast did; see :mod:`hero.cache.extrapolate`). Forecasts
+    (``"linear"``). Condition (text) tokens are not recomputed on PARTIAL steps: their keys/values
+    are those of the last FULL step, like those of the video tokens not refreshed (their outputs
+    never reach the model's output); ``kv_mode="recompute_kv"``, which needs their current hidden
+    states, recomputes them.
+    Deep blocks ``[k, L)`` are skipped on PARTIAL steps and their residual is extrapolated
+    linearly from the last two FULL steps (:mod:`hero.cache.extrapolate`). Forecasts
     run in ``positions``: the call's ``"timestep"`` (non-uniform schedules are extrapolated along
     the curve they sample) or the ``"step"`` index.
 
@@ -70,10 +66,7 @@ class HeroConfig:
     calibration_dir: str | None = None
     verify_threshold: float | None = None
     positions: str = "timestep"
-    deep_forecast: str = "linear"
     shallow_forecast: str = "reuse"
-    selection: str = "staleness"
-    refresh_condition: bool = False
     kv_mode: str = "cached_kv"
     attention_backend: str = "sdpa"
     num_inference_steps: int | None = None
@@ -104,8 +97,7 @@ class HeroConfig:
                'must be an int >= 0, "auto" or None')
         _check(self.verify_threshold is None or self.verify_threshold > 0, "verify_threshold",
                self.verify_threshold, "must be > 0 or None (static schedule)")
-        for name, choices in (("positions", POSITIONS), ("deep_forecast", FORECASTS),
-                              ("shallow_forecast", SHALLOW_FORECASTS), ("selection", SELECTIONS),
+        for name, choices in (("positions", POSITIONS), ("shallow_forecast", SHALLOW_FORECASTS),
                               ("kv_mode", KV_MODES), ("attention_backend", ATTENTION_BACKENDS)):
             _check(getattr(self, name) in choices, name, getattr(self, name),
                    f"must be one of {choices}")
@@ -114,12 +106,6 @@ class HeroConfig:
                              "(CUDA only; `pip install flash-attn`); use \"sdpa\" otherwise")
         _check(self.num_inference_steps is None or self.num_inference_steps >= 1,
                "num_inference_steps", self.num_inference_steps, "must be >= 1 or None")
-
-    @property
-    def refreshes_condition(self) -> bool:
-        """Whether partial shallow blocks recompute the condition tokens (``recompute_kv`` needs
-        their current hidden states for the keys/values it recomputes)."""
-        return self.refresh_condition or self.kv_mode == "recompute_kv"
 
     @property
     def tokens_per_patch(self) -> int:
@@ -145,20 +131,28 @@ class HeroConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> HeroConfig:
-        """A named preset (``"default"``, ``"fast"``, ``"quality"``), fields overridable."""
+        """A named preset (``"quality"``, ``"default"``, ``"fast"``, ``"turbo"``), fields
+        overridable."""
         if name not in PRESETS:
             raise ValueError(f"unknown HERO preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], "preset_name": name, **overrides})
 
 
-# FLOP ratios: Aether's shape, 50 steps (`python -m bench.flops`)
+# Provisional (derived on the toyworld revision of 2026-11-22, which cannot see quality against the
+# truth; re-derive with `python -m bench.ablation` on new weights, docs/hero.md "Presets"). All take
+# one warm-up step (the first forecast holds, the next extrapolates over a whole interval), forecast
+# the shallow tokens they do not refresh to first order, and let the probe pick the split.
+_TUNED = dict(warmup_steps=1, final_full_steps=1, rho=0.25, patch_size=(1, 2, 2), split="auto",
+              shallow_forecast="linear")
 PRESETS: dict[str, dict[str, Any]] = {
-    # every other step PARTIAL, a quarter of the shallow tokens refreshed: 0.563 of full FLOPs
-    "default": dict(warmup_steps=2, final_full_steps=1, interval=2, rho=0.25, patch_size=(1, 2, 2)),
-    # two PARTIAL steps per FULL step: 0.417 of full FLOPs
-    "fast": dict(warmup_steps=2, final_full_steps=1, interval=3, rho=0.25, patch_size=(1, 2, 2)),
-    # longer warm-up and tail, half the shallow tokens refreshed: 0.636 of full FLOPs
-    "quality": dict(warmup_steps=4, final_full_steps=2, interval=2, rho=0.5, patch_size=(1, 2, 2)),
+    # one PARTIAL step per FULL step
+    "quality": dict(_TUNED, interval=2),
+    # two PARTIAL steps per FULL step
+    "default": dict(_TUNED, interval=3),
+    # three PARTIAL steps per FULL step
+    "fast": dict(_TUNED, interval=4),
+    # five PARTIAL steps per FULL step
+    "turbo": dict(_TUNED, interval=6),
 }
 
 

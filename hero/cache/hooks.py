@@ -164,18 +164,17 @@ class HeroRuntime:
 
 def _partial_block(adapter: BlockAdapter, block: nn.Module, inputs: BlockInputs,
                    selection: Selection, residual: torch.Tensor, key_value: KeyValue | None,
-                   forecast: torch.Tensor | None, backend: str, refresh_condition: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, KeyValue, torch.Tensor,
+                   forecast: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor | None, KeyValue, torch.Tensor,
                               torch.Tensor]:
     """A shallow block on a PARTIAL step: the selected tokens recomputed, the others take
     ``forecast`` (None: their cached ``residual``); ``residual`` and ``key_value`` are brought up
     to date in place.
 
     Returns the video and condition outputs, the keys/values attended, and the refreshed tokens'
-    new residuals beside what was forecast for them (the drift the schedule checks, and the rate
-    tracking's sample).
+    new residuals beside what was forecast for them (the drift the schedule checks, and the
+    slope update of first-order forecasts).
     """
-    part = adapter.partial_forward(block, inputs, selection, key_value, backend, refresh_condition)
+    part = adapter.partial_forward(block, inputs, selection, key_value, backend)
     predicted = gather_tokens(residual if forecast is None else forecast, selection)
     hidden = reuse_residuals(inputs.hidden, residual, selection, part, forecast)
     return hidden, part.encoder, part.key_value, part.residual, predicted
@@ -247,8 +246,9 @@ class HeroRootHook(ModelHook):
         if calibrate_to is not None:
             state.recorder = CouplingRecorder(self.runtime.num_layers)
             state.calibration_path = calibrate_to
+            state.stats.calibration = True
         else:
-            state.deep_history = ResidualHistory(self.runtime.config.deep_forecast)
+            state.deep_history = ResidualHistory()
 
     def _mode(self, state: HeroState, step: int) -> StepMode:
         """FULL while calibrating or before any FULL step; else what the schedule says, told
@@ -271,8 +271,7 @@ class HeroRootHook(ModelHook):
             state.recorder.position = state.position
         if state.tracker is None:
             layout = build_layout(grid, config.patch_size, config.tokens_per_patch, hidden.device)
-            state.tracker = RefreshTracker(layout, int(hidden.shape[0]), hidden.device,
-                                           config.selection)
+            state.tracker = RefreshTracker(layout, int(hidden.shape[0]), hidden.device)
         state.step, state.mode = step, mode
         state.selection = Selection(state.tracker.select()) if mode is StepMode.PARTIAL else None
         if mode is StepMode.PARTIAL and config.verify_threshold is not None:
@@ -395,14 +394,15 @@ class HeroBlockHook(ModelHook):
         adapter.prepare(state.selection, inputs)
         hidden, encoder, key_value, fresh, predicted = self.runtime.kernel("_partial_block", state)(
             adapter, module, inputs, state.selection, cache.residual, cache.key_value, forecast,
-            config.attention_backend, config.refreshes_condition)
+            config.attention_backend)
         if cache.key_value is not None:
             cache.key_value = key_value
         self._observe(state, cache, fresh, predicted)
         return adapter.pack_output(hidden, encoder)
 
     def _store(self, state: HeroState, residual: torch.Tensor) -> ShallowCache:
-        """A FULL step's residual of every token: the slope from the previous value, the rate."""
+        """A FULL step's residual of every token, and (first-order forecasts) its slope since
+        each token's previous value."""
         previous = state.shallow.get(self.index)
         cache = state.shallow[self.index] = ShallowCache(residual)
         if previous is None:
@@ -412,8 +412,6 @@ class HeroBlockHook(ModelHook):
         if state.computed_at is not None:
             elapsed = (state.position - state.computed_at).unsqueeze(-1)
             cache.slope = (residual - previous.residual) / _nonzero(elapsed).to(residual.dtype)
-        if self.index == state.split - 1:
-            state.tracker.observe_change(None, previous.residual, residual)
         return cache
 
     def _forecast(self, state: HeroState, cache: ShallowCache) -> torch.Tensor | None:
@@ -426,7 +424,8 @@ class HeroBlockHook(ModelHook):
 
     def _observe(self, state: HeroState, cache: ShallowCache, fresh: torch.Tensor,
                  predicted: torch.Tensor) -> None:
-        """What the refreshed tokens tell: the drift (forecast error) and their rate of change."""
+        """What the refreshed tokens tell: the drift (forecast error) the schedule checks, and,
+        for first-order forecasts, the slope since each one's previous value."""
         if state.drift_error is not None:
             state.drift_error += (fresh.float() - predicted.float()).square().sum(dim=(1, 2))
             state.drift_norm += fresh.float().square().sum(dim=(1, 2))
@@ -436,8 +435,6 @@ class HeroBlockHook(ModelHook):
             slope = gather_tokens(cache.slope, state.selection)
             write_tokens_(cache.slope, state.selection,
                           slope + (fresh - predicted) / _nonzero(elapsed).to(fresh.dtype))
-        if self.index == state.split - 1:
-            state.tracker.observe_change(state.selection.index, predicted, fresh)
 
     # ----------------------------------------------------------------------------------- deep
     def _deep(self, module: nn.Module, state: HeroState, args: tuple, kwargs: dict[str, Any]
@@ -482,8 +479,9 @@ def transformer_of(model: nn.Module | Any) -> tuple[nn.Module, Any]:
 
 def apply_hero(model: nn.Module | Any, config: HeroConfig | None = None) -> None:
     """Accelerate a transformer, or the transformer of a pipeline (whose scheduler then gives the
-    step count), with HERO. Calls must run under ``cache_context``, as stock pipelines do."""
-    config = config or HeroConfig()
+    step count), with HERO (``config`` None: the default preset). Calls must run under
+    ``cache_context``, as stock pipelines do."""
+    config = config or HeroConfig.preset("default")
     transformer, scheduler = transformer_of(model)
     if root_hook(transformer) is not None:
         raise ValueError("HERO is already applied to this transformer; call remove_hero first")

@@ -31,6 +31,7 @@ from hero.cache.hooking import install_hooks, uninstall_hooks
 PROBE_HOOK = "hero_feature_coupling_probe"
 PROBE_ROOT_HOOK = "hero_feature_coupling_probe_root"
 METRIC = "mean relative error of forecasting the block residual linearly from the two steps before"
+SEPARATION = 1.5  # shallow blocks must be forecast this many times worse than deep ones
 
 
 class CouplingRecorder:
@@ -155,13 +156,15 @@ class FeatureCouplingProbe:
         uninstall_hooks(self.transformer, (PROBE_ROOT_HOOK, PROBE_HOOK), self.blocks)
 
 
-def choose_split(forecast_error: list[float], min_shallow: int = 1, min_deep: int = 1) -> int:
+def choose_split(forecast_error: list[float], min_shallow: int = 1, min_deep: int = 1,
+                 separation: float = SEPARATION) -> int:
     """The split ``k``: leading blocks forecast worst are shallow (refreshed), the rest deep.
 
     Two-segment least squares on ``log(error)``: ``k`` minimises the squared deviation of each part
-    from its own mean, with at least ``min_shallow`` shallow and ``min_deep`` deep blocks. When the
-    deep part is not forecast better than the shallow one, extrapolation serves every block as
-    well as it serves any: the smallest shallow part, ``min_shallow``, is taken.
+    from its own mean, with at least ``min_shallow`` shallow and ``min_deep`` deep blocks. Unless
+    that cut separates the parts' (geometric) mean errors by ``separation`` or more, extrapolation
+    serves every block about as well as it serves any, and the cheapest split, the smallest
+    shallow part ``min_shallow``, is taken (a flat, noisy profile has some best cut anywhere).
     """
     values = [math.log(max(v, 1e-12)) for v in forecast_error]
     num = len(values)
@@ -174,7 +177,8 @@ def choose_split(forecast_error: list[float], min_shallow: int = 1, min_deep: in
 
     best = min(candidates, key=lambda k: (cost(k), k))
     shallow, deep = values[:best], values[best:]
-    return best if sum(deep) / len(deep) < sum(shallow) / len(shallow) else min_shallow
+    gap = sum(shallow) / len(shallow) - sum(deep) / len(deep)
+    return best if gap >= math.log(separation) else min_shallow
 
 
 def _sse(values: list[float]) -> float:

@@ -32,8 +32,10 @@ count_cpu_attention_flops()
 
 @dataclass
 class GenerationStats:
-    """Counters of one generation in one cache context."""
+    """Counters of one generation in one cache context; ``calibration`` marks the full-compute
+    generation that ``split="auto"`` records its calibration on."""
 
+    calibration: bool = False
     full_steps: int = 0
     partial_steps: int = 0
     block_tokens_total: int = 0
@@ -61,6 +63,7 @@ def summarize(per_context: dict[str, tuple[GenerationStats, int]]) -> dict[str, 
     contexts = {name: _describe(stats, nbytes) for name, (stats, nbytes) in per_context.items()}
     total = GenerationStats()
     for stats, _ in per_context.values():
+        total.calibration = total.calibration or stats.calibration
         total.full_steps += stats.full_steps
         total.partial_steps += stats.partial_steps
         total.block_tokens_total += stats.block_tokens_total
@@ -80,6 +83,7 @@ def _describe(stats: GenerationStats, nbytes: int) -> dict[str, Any]:
     if stats.flops_executed is not None and stats.flops_full:
         ratio = stats.flops_executed / stats.flops_full
     return {
+        "calibration_run": stats.calibration,
         "full_steps": stats.full_steps,
         "partial_steps": stats.partial_steps,
         "skipped_block_token_fraction": skipped,
