@@ -67,7 +67,8 @@ def versus_full(rollouts: list[Rollout], full: list[Rollout]) -> dict[str, Any]:
 
 
 def versus_truth(rollouts: list[Rollout], truths: list[Clip]) -> dict[str, Any]:
-    """PSNR, SSIM, AbsRel and camera errors against the rendered truth, per scene and over scenes."""
+    """PSNR, SSIM, AbsRel and camera errors against the rendered truth, per scene and over
+    scenes."""
     per_scene: dict[str, list[float]] = {}
     for rollout, clip in zip(rollouts, truths):
         for name, values in score_against_truth(rollout, clip, SCORED).items():

@@ -62,7 +62,8 @@ def verdicts(result: dict[str, Any]) -> dict[str, str]:
     """For every other method: the HERO preset at least as fast on both speed measures with the
     best quality, when its quality is higher (with the paired per-scene PSNR difference and its
     95% interval), or a plain statement that none is."""
-    speed, toy = result["workloads"][SPEED_WORKLOAD]["methods"], result["workloads"][QUALITY_WORKLOAD]["methods"]
+    speed = result["workloads"][SPEED_WORKLOAD]["methods"]
+    toy = result["workloads"][QUALITY_WORKLOAD]["methods"]
     heroes = [n for n, row in toy.items() if row["family"] == "hero" and n in speed]
     out = {}
     for name, row in toy.items():
@@ -80,8 +81,8 @@ def verdicts(result: dict[str, Any]) -> dict[str, str]:
         best = max(faster, key=lambda h: _point(h, speed, toy)["psnr"])
         theirs = _point(best, speed, toy)
         if theirs["psnr"] <= mine["psnr"]:
-            out[name] = (f"NOT beaten by HERO: every HERO preset as fast has lower quality ({best}: "
-                         f"PSNR {_db(theirs['psnr'])} vs {_db(mine['psnr'])})")
+            out[name] = (f"NOT beaten by HERO: every HERO preset as fast has lower quality "
+                         f"({best}: PSNR {_db(theirs['psnr'])} vs {_db(mine['psnr'])})")
             continue
         difference, ci = paired_difference(_scene_psnr(toy[best]), _scene_psnr(row))
         paired = "" if difference is None else \

@@ -222,9 +222,11 @@ def test_ablation_orders_hero_parts_by_cost(tmp_path):
     parts, schedules = result["parts"], result["schedules"]
     assert set(parts) == set(ablation.PARTS) and set(schedules) == set(ablation.schedule_variants())
     saved = {label: row["flops_speedup"] for label, row in parts.items()}
-    assert saved["no shallow refresh"] >= saved["hero (default)"] > saved["no deep extrapolation"] > 1.0
+    assert saved["no shallow refresh"] >= saved["hero (default)"] \
+        > saved["no deep extrapolation"] > 1.0
     assert saved["recompute keys/values"] < saved["hero (default)"]
-    assert schedules["static, interval 2"]["flops_speedup"] < schedules["static, interval 4"]["flops_speedup"]
+    assert schedules["static, interval 2"]["flops_speedup"] \
+        < schedules["static, interval 4"]["flops_speedup"]
     for label, row in {**parts, **schedules}.items():
         assert math.isfinite(row["quality"]["vs_full"]["psnr"]), label
     assert json.loads((tmp_path / "ablation.json").read_text())["steps"] == 6

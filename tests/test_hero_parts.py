@@ -21,7 +21,8 @@ from bench.tiny_transformers import sample, tiny_cogvideox
 
 @pytest.mark.parametrize("field,value,message", [
     ("rho", 0.3, "whole number"), ("rho", 0.0, "rho"), ("warmup_steps", 0, "warmup_steps"),
-    ("interval", 0, "interval"), ("split", "deep", "split"), ("verify_threshold", 0.0, "verify_threshold"),
+    ("interval", 0, "interval"), ("split", "deep", "split"),
+    ("verify_threshold", 0.0, "verify_threshold"),
     ("positions", "sigma", "positions"), ("shallow_forecast", "cubic", "shallow_forecast"),
     ("kv_mode", "reuse", "kv_mode"), ("attention_backend", "xformers", "attention_backend"),
     ("patch_size", (1, 0, 2), "patch_size"),

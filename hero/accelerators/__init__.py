@@ -48,10 +48,12 @@ def _baseline(description: str, preset: dict[str, Any], config_class: type,
     def on_transformer(function: Callable) -> Callable:
         return lambda model, *rest: function(transformer_of(model)[0], *rest)
 
-    factory = lambda name, model, options: HookAccelerator(
-        name, model, options,
-        on_transformer(lambda module, opts: apply(module, config_class(**opts))),
-        on_transformer(remove), on_transformer(stats))
+    def factory(name: str, model: nn.Module | Any, options: dict[str, Any]) -> Accelerator:
+        return HookAccelerator(
+            name, model, options,
+            on_transformer(lambda module, opts: apply(module, config_class(**opts))),
+            on_transformer(remove), on_transformer(stats))
+
     return AcceleratorSpec(description, dict(preset), factory,
                            tuple(config_class.__dataclass_fields__))
 

@@ -68,7 +68,7 @@ class Selection:
         return self.memo(("rows", length, offset), compute)
 
 
-def gather_tokens(x: torch.Tensor, selection: Selection | None, offset: int = 0) -> torch.Tensor:
+def gather_tokens(x: torch.Tensor, selection: Selection | None) -> torch.Tensor:
     """The selected tokens of ``x`` (B, length, ...) as (B, n, ...); ``None``: ``x`` itself.
 
     Whole rows are copied (``index_select``), several times faster on CPU than an element-wise
@@ -76,7 +76,7 @@ def gather_tokens(x: torch.Tensor, selection: Selection | None, offset: int = 0)
     """
     if selection is None:
         return x
-    rows = x.reshape(-1, *x.shape[2:]).index_select(0, selection.rows(x.shape[1], offset))
+    rows = x.reshape(-1, *x.shape[2:]).index_select(0, selection.rows(x.shape[1]))
     return rows.unflatten(0, tuple(selection.index.shape))
 
 

@@ -38,8 +38,9 @@ def model_fingerprint(transformer: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def calibration_file(transformer_fingerprint: str, grid: tuple[int, int, int], condition_tokens: int,
-                     num_steps: int, calibration_dir: str | None = None) -> Path:
+def calibration_file(transformer_fingerprint: str, grid: tuple[int, int, int],
+                     condition_tokens: int, num_steps: int, calibration_dir: str | None = None
+                     ) -> Path:
     """The cache file of one model and shape."""
     folder = Path(calibration_dir or os.environ.get(CACHE_ENV) or
                   Path.home() / ".cache" / "hero" / "calibration")

@@ -28,16 +28,17 @@ class HeroConfig:
 
     Shallow blocks ``[0, k)`` refresh a fraction ``rho`` of the video tokens on PARTIAL steps: the
     T×H×W token grid is cut into ``patch_size`` patches and every patch refreshes
-    ``rho * prod(patch_size)`` tokens (which must be a whole number), stalest first. The other tokens
-    take their cached residual (``shallow_forecast="reuse"``) or extrapolate it to first order
-    (``"linear"``). Condition (text) tokens are not recomputed on PARTIAL steps: their keys/values
-    are those of the last FULL step, like those of the video tokens not refreshed (their outputs
-    never reach the model's output); ``kv_mode="recompute_kv"``, which needs their current hidden
-    states, recomputes them.
-    Deep blocks ``[k, L)`` are skipped on PARTIAL steps and their residual is extrapolated
-    linearly from the last two FULL steps (:mod:`hero.cache.extrapolate`). Forecasts
-    run in ``positions``: the call's ``"timestep"`` (non-uniform schedules are extrapolated along
-    the curve they sample) or the ``"step"`` index.
+    ``rho * prod(patch_size)`` tokens (which must be a whole number), stalest first. The other
+    tokens take their cached residual (``shallow_forecast="reuse"``) or extrapolate it to first
+    order (``"linear"``). Condition (text) tokens are not recomputed on PARTIAL steps: their
+    keys/values are those of the last FULL step, like those of the video tokens not refreshed
+    (their outputs never reach the model's output); ``kv_mode="recompute_kv"``, which needs their
+    current hidden states, recomputes them. Deep blocks ``[k, L)`` are skipped on PARTIAL steps
+    and their residual is extrapolated linearly from the last two FULL steps
+    (:mod:`hero.cache.extrapolate`). Forecasts run in ``positions``: the call's ``"timestep"``
+    (non-uniform schedules are extrapolated along the curve they sample) or the ``"step"`` index.
+    The field defaults are the paper's reconstruction; :data:`PRESETS` are what measurement
+    picked.
 
     ``split`` is ``k``: an int, ``"auto"`` (the feature-coupling probe's choice from how well each
     block's residual is forecast: read from ``calibration_path``, or from the calibration cache in

@@ -164,7 +164,8 @@ class HeroRuntime:
 
 def _partial_block(adapter: BlockAdapter, block: nn.Module, inputs: BlockInputs,
                    selection: Selection, residual: torch.Tensor, key_value: KeyValue | None,
-                   forecast: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor | None, KeyValue, torch.Tensor,
+                   forecast: torch.Tensor | None, backend: str
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, KeyValue, torch.Tensor,
                               torch.Tensor]:
     """A shallow block on a PARTIAL step: the selected tokens recomputed, the others take
     ``forecast`` (None: their cached ``residual``); ``residual`` and ``key_value`` are brought up
@@ -310,7 +311,7 @@ class HeroRootHook(ModelHook):
         record = calibration_record(state.recorder, split, runtime.adapter.model_class_name,
                                     state.num_steps)
         save_calibration(state.calibration_path, record)
-        runtime.splits[state.calibration_path] = split
+        runtime.splits[state.calibration_path] = state.split = split
         state.recorder = None
 
     def reset_state(self, module: nn.Module) -> nn.Module:
@@ -429,7 +430,7 @@ class HeroBlockHook(ModelHook):
         if state.drift_error is not None:
             state.drift_error += (fresh.float() - predicted.float()).square().sum(dim=(1, 2))
             state.drift_norm += fresh.float().square().sum(dim=(1, 2))
-        if cache.slope is not None:  # (fresh - old) / elapsed = old slope + forecast error / elapsed
+        if cache.slope is not None:  # (fresh - old) / elapsed = slope + forecast error / elapsed
             elapsed = gather_tokens((state.position - state.computed_at).unsqueeze(-1),
                                     state.selection)
             slope = gather_tokens(cache.slope, state.selection)

@@ -41,7 +41,8 @@ class CouplingRecorder:
         self.max_tokens = max_tokens
         self.calls = 0
         self.position: torch.Tensor | None = None
-        self.history: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(num_layers)]
+        self.history: list[list[tuple[torch.Tensor, torch.Tensor]]] = \
+            [[] for _ in range(num_layers)]
         self.changes: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.errors: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
 

@@ -42,7 +42,7 @@ class Schedule:
 
 def schedule(num_steps: int, config: HeroConfig) -> list[StepMode]:
     """The mode of every step of a ``num_steps``-step sampling when no drift is measured (the
-    static schedule; with ``verify_threshold`` the steps it makes PARTIAL are the most there are)."""
+    static schedule; with ``verify_threshold``, the most PARTIAL steps there can be)."""
     rule, modes, last_full = Schedule(config), [], -1
     for step in range(num_steps):
         modes.append(rule.mode(step, num_steps, last_full))
