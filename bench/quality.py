@@ -18,29 +18,22 @@ import numpy as np
 import torch
 
 from hero import metrics
-from hero.evaluation.toyworld import score_against_truth
+from hero.evaluation import score_against_truth
 from hero.models.base import Rollout
 from hero.world import FAR, Clip
 
 SCORED = slice(1, None)
-# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-         2.052, 2.048, 2.045, 2.042)
 
 
-def mean_ci(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean of the finite ``values`` and the half-width of its 95% interval (None for fewer than
-    two values)."""
-    finite = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if finite.size == 0:
-        return None, None
-    mean = float(finite.mean())
-    if finite.size < 2:
-        return mean, None
-    df = finite.size - 1
-    quantile = T_975[df - 1] if df <= len(T_975) else 1.95996 + 2.3722 / df
-    return mean, float(quantile * finite.std(ddof=1) / math.sqrt(finite.size))
+def mean_ci(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean of the finite ``values`` and the half-width of its 95% interval
+    (:func:`hero.metrics.mean_ci95`); None where there is none (no finite value; fewer than two)."""
+    stats = metrics.mean_ci95([math.nan if v is None else v for v in values])
+    return _finite_or_none(stats["mean"]), _finite_or_none(stats["ci95"])
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
 
 
 def _summary(per_scene: dict[str, list[float]]) -> dict[str, Any]:

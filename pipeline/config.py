@@ -16,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.manifest import SAFE_ID, SAFE_ID_RULE
-from pipeline.storage import is_local_uri, redact
+from pipeline.redact import redact_config
+from pipeline.storage import is_local_uri
 
 DEFAULT_MODEL = "toyworld"  # the embedded default's world model: trained here, shipped in the package
 DEFAULT_OUTPUT_ROOT = "~/hero-rollouts"
@@ -62,6 +63,15 @@ class GenerateConfig(_Section):
     steps: int | None = Field(None, ge=1, description="denoising steps for every row (None: the row's or the model's)")
 
 
+class AuditConfig(_Section):
+    """Quality audit (:mod:`pipeline.audit`): re-generate about ``fraction`` of the rows, chosen by
+    a hash of their id and ``seed``, at full compute (accelerator off) and record the accelerator's
+    drift against it (PSNR, depth AbsRel, pose error) in their meta.json and in summary.json."""
+
+    fraction: float = Field(0.0, ge=0, le=1, description="share of rows audited, e.g. 0.01; 0 turns it off")
+    seed: int = Field(0, ge=0)
+
+
 class SinkConfig(_Section):
     """Shards and storage: rows per shard (the unit of commit and resume), retries, fsspec options."""
 
@@ -85,11 +95,13 @@ class JobConfig(_Section):
 
     run_id: str | None = None
     input: str | None = None
+    input_allow_empty: bool = Field(False, description="run an input without rows (else exit 2: a wrong prefix?)")
     output: str | None = None
     limit: int | None = Field(None, ge=1)
     model: ModelConfig = Field(default_factory=ModelConfig)
     accel: AccelConfig = Field(default_factory=AccelConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     sink: SinkConfig = Field(default_factory=SinkConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -112,11 +124,11 @@ class JobConfig(_Section):
             for part in key.split("."):
                 node = node[part]
             values[key] = node
-        return values
+        return redact_config(values)  # stored in run.json; a rotated credential is the same run
 
     def public_dict(self) -> dict[str, Any]:
         """The config as written into run.json/summary.json/meta.json, credentials masked."""
-        return redact(self.model_dump(mode="json"))
+        return redact_config(self.model_dump(mode="json"))
 
 
 def resolve(config: JobConfig, inside_ray_job: bool | None = None) -> JobConfig:

@@ -6,7 +6,8 @@ exclusively, so two processes never take the same turn). Switches in use:
 
 - ``ACTOR_EXIT``: a generate actor exits mid-unit (after its first model batch);
 - ``DRIVER_KILL``: the driver SIGKILLs itself right after committing a unit (a crash mid-run);
-- ``CORRUPT_STAGING``: a staged shard is overwritten with damaged bytes before its checksum check.
+- ``CORRUPT_STAGING``: a staged shard is overwritten with damaged bytes before its checksum check;
+- ``AUDIT_ERROR``: a generate actor's full-compute audit run fails.
 """
 
 from __future__ import annotations

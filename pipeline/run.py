@@ -28,9 +28,11 @@ from typing import Any
 
 from pipeline import faults, sink
 from pipeline.config import ConfigError, JobConfig
+from pipeline.manifest import RowError
 from pipeline.plan import Unit, mismatched_unit, plan_units
+from pipeline.redact import redact, redact_text
 from pipeline.samples import FIELDS, decode_sample
-from pipeline.sources import read_manifest
+from pipeline.sources import InputError, InputUnavailable, read_manifest
 from pipeline.stages.rows import unpack_files
 from pipeline.storage import Store
 
@@ -60,11 +62,13 @@ def check_run_record(store: Store, config: JobConfig) -> None:
                                    f"{existing['settings'].get(key)!r}, not {value!r}; give another --output or --run-id")
 
 
-def plan(config: JobConfig, store: Store) -> tuple[list[Unit], dict[int, dict[str, Any]]]:
-    """Units of the manifest and the markers already committed (validated against each other)."""
+def plan(config: JobConfig, store: Store) -> tuple[list[Unit], dict[int, dict[str, Any]], list[RowError]]:
+    """Units of the manifest, the markers already committed (validated against each other) and the
+    manifest files skipped or not fully read."""
+    manifest = read_manifest(config.input, config.sink.storage_options, config.limit, config.input_allow_empty)
     try:
-        entries = list(read_manifest(config.input, config.sink.storage_options, config.limit))
-    except FileNotFoundError as exc:
+        entries = list(manifest)
+    except InputError as exc:
         raise ConfigError("input", str(exc)) from None
     units = plan_units(entries, config.sink.rows_per_shard)
     committed = sink.committed_units(store)
@@ -72,7 +76,7 @@ def plan(config: JobConfig, store: Store) -> tuple[list[Unit], dict[int, dict[st
     if mismatch:
         raise ConfigError("input", f"{mismatch}; the manifest changed since output {store.url()} was written; "
                                    "give another --output or --run-id")
-    return units, committed
+    return units, committed, manifest.problems
 
 
 def forwarded_env() -> dict[str, str]:
@@ -109,18 +113,19 @@ def build_dataset(config: JobConfig, units: list[Unit]):
 
     from pipeline.stages.encode import encode_batch
     from pipeline.stages.generate import GenerateRollouts
-    from pipeline.stages.prep import model_geometry, prepare_batch
+    from hero.models import model_spec
+    from pipeline.stages.prep import prepare_batch
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()
     items = [{"unit": unit.number, "position": e.position, "id": e.row.id, "row": e.row.model_dump_json(),
               "error": ""} for unit in units for e in unit.valid]
-    geo = model_geometry(config.model.name, config.model.options)
+    spec = model_spec(config.model.name, **config.model.options)
     gen = config.generate
     return (
         ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
         .map_batches(prepare_batch, batch_size=1, num_cpus=config.ray.prep_num_cpus,
-                     fn_kwargs={"geo": geo, "storage_options": config.sink.storage_options})
+                     fn_kwargs={"spec": spec, "storage_options": config.sink.storage_options})
         .map_batches(GenerateRollouts, batch_size=gen.batch_size,
                      compute=ActorPoolStrategy(size=gen.actors), num_gpus=gen.num_gpus, num_cpus=gen.num_cpus,
                      fn_constructor_kwargs={"model": config.model.name, "model_options": config.model.options,
@@ -234,14 +239,20 @@ def run(config: JobConfig) -> int:
     """Run a resolved job; return the exit status (0 complete, 1 some units left uncommitted)."""
     started = time.time()
     store = open_store(config)
-    print(f"hero-rollouts: run {config.run_id}\n  input  {config.input}\n  output {store.url()}\n"
-          f"  model  {config.model.name} (accelerator: {config.accel.name})", flush=True)
+    print(f"hero-rollouts: run {config.run_id}\n  input  {redact_text(config.input)}\n"
+          f"  output {redact_text(store.url())}\n  model  {config.model.name} (accelerator: {config.accel.name})",
+          flush=True)
+    try:
+        units, committed, unread = plan(config, store)  # before run.json: a bad input leaves no trace
+    except InputUnavailable as exc:
+        print(f"error: {exc}; nothing was planned past it, rerun to resume", file=sys.stderr, flush=True)
+        return 1
     check_run_record(store, config)
-    units, committed = plan(config, store)
     stale = sink.clean_stale(store, committed)
     todo = [unit for unit in units if unit.number not in committed]
     print(f"  plan   {sum(len(u.entries) for u in units)} rows in {len(units)} units; "
-          f"{len(committed)} already committed, {len(todo)} to do", flush=True)
+          f"{len(committed)} already committed, {len(todo)} to do; "
+          f"{len(unread)} manifest files skipped or not fully read", flush=True)
     new, failed, run_error = [], [], None
     if todo:
         new, failed, run_error = generate(config, store, todo)
@@ -250,9 +261,10 @@ def run(config: JobConfig) -> int:
                 "transient_errors_retried": store.transient_errors,
                 "rollouts": sum(m["nsamples"] for m in new),
                 "frames": sum(m.get("stats", {}).get("frames", 0) for m in new)}
-    summary = build_summary(config, store, units, committed, failed, run_error, this_run)
+    read_errors = [e.to_dict() for e in unread]
+    summary = build_summary(config, store, units, committed, read_errors, failed, run_error, this_run)
     summary["preview"] = write_preview(store, committed)
-    sink.finalize(store, config.run_id, committed, summary, failed)
+    sink.finalize(store, config.run_id, committed, summary, read_errors + failed)
     print_summary(summary)
     return 0 if summary["complete"] else 1
 
@@ -283,13 +295,15 @@ def generate(config: JobConfig, store: Store, todo: list[Unit]
 
 
 def build_summary(config: JobConfig, store: Store, units: list[Unit], committed: dict[int, dict[str, Any]],
-                  failed: list[dict[str, Any]], run_error: str | None, this_run: dict[str, Any]) -> dict[str, Any]:
-    """The run's figures: what the dataset holds, what failed and why, and this run's throughput."""
-    errors = [e for m in committed.values() for e in m.get("errors", [])] + failed
+                  read_errors: list[dict[str, Any]], failed: list[dict[str, Any]], run_error: str | None,
+                  this_run: dict[str, Any]) -> dict[str, Any]:
+    """The run's figures: what the dataset holds, what failed and why, and this run's throughput
+    (credentials masked: it is printed and stored)."""
+    errors = [e for m in committed.values() for e in m.get("errors", [])] + read_errors + failed
     rollouts = sum(m["nsamples"] for m in committed.values())
     frames = sum(m.get("stats", {}).get("frames", 0) for m in committed.values())
     wall = max(this_run["wall_s"], 1e-9)
-    return {
+    return redact({
         "run_id": config.run_id, "input": config.input, "output": store.url(), "config": config.public_dict(),
         "fingerprint": config.fingerprint(), "complete": len(committed) == len(units) and run_error is None,
         "units": {"total": len(units), "committed": len(committed), "failed_to_commit": len(failed)},
@@ -302,7 +316,7 @@ def build_summary(config: JobConfig, store: Store, units: list[Unit], committed:
         "this_run": dict(this_run, rollouts_per_min=60 * this_run["rollouts"] / wall,
                          frames_per_s=this_run["frames"] / wall),
         "index": store.url(sink.INDEX_FILE), "errors_file": store.url(sink.ERRORS_FILE),
-    }
+    })
 
 
 def write_preview(store: Store, committed: dict[int, dict[str, Any]]) -> str | None:

@@ -29,6 +29,7 @@ import uuid
 from typing import Any
 
 from pipeline import faults
+from pipeline.redact import redact
 from pipeline.samples import FIELDS
 from pipeline.storage import Store
 
@@ -94,6 +95,7 @@ def commit_unit(store: Store, unit: int, samples: list[tuple[str, dict[str, byte
             marker["checksum_failures"] = _stage_and_publish(store, unit, local, digest, size)
         marker.update(shard=shard_path(unit), sha256=digest, filesize=size)
     marker["committed_at"] = time.time()
+    marker = redact(marker)  # errors may quote a presigned URL
     store.write_json(marker_path(unit), marker)
     return marker
 
@@ -153,7 +155,7 @@ def build_index(run_id: str, committed: dict[int, dict[str, Any]]) -> dict[str, 
 def finalize(store: Store, run_id: str, committed: dict[int, dict[str, Any]],
              summary: dict[str, Any], extra_errors: list[dict[str, Any]]) -> None:
     """Write errors.jsonl, summary.json and, last, index.json."""
-    errors = [e for _, m in sorted(committed.items()) for e in m.get("errors", [])] + extra_errors
+    errors = [e for _, m in sorted(committed.items()) for e in m.get("errors", [])] + redact(extra_errors)
     store.write_bytes(ERRORS_FILE, "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
     store.write_json(SUMMARY_FILE, summary)
     store.write_json(INDEX_FILE, build_index(run_id, committed))

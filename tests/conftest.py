@@ -119,6 +119,15 @@ def _stop_head(head: RayHead) -> None:
     shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def calibration_cache(tmp_path_factory):
+    """HERO's ``split="auto"`` (the presets') keeps its calibrations in a folder per test module,
+    not in the home folder: every module starts uncalibrated, as its tests expect."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HERO_CALIBRATION_DIR", str(tmp_path_factory.mktemp("calibration")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def ray_head() -> RayHead:
     """One Ray head for the session: 4 logical CPUs, token auth set explicitly, private temp dir
@@ -234,6 +243,22 @@ def fake_samples(keys: list[str], frames: int = 5, height: int = 8, width: int =
         rollout = Rollout(rgb=rng.integers(0, 255, (frames, height, width, 3), dtype=np.uint8),
                           depth=rng.uniform(0.5, 20, (frames, height, width)).astype(np.float32),
                           depth_is_metric=True, k=np.tile(np.eye(3), (frames, 1, 1)).astype(np.float32),
-                          c2w=c2w.astype(np.float32), actions=pose_deltas(c2w))
-        samples.append((key, encode_sample(rollout, {"id": key, "model": "fake"})))
+                          c2w=c2w.astype(np.float32), actions=pose_deltas(c2w), meta={"commanded_c2w": c2w.tolist()})
+        samples.append((key, encode_sample(rollout, {"id": key, "model": "fake", "task": "prediction", "fps": 12})))
     return samples
+
+
+def write_fake_run(store, keys: list[str], frames: int = 5, per_shard: int = 2, described: bool = True) -> None:
+    """A committed run of :func:`fake_samples`, ``per_shard`` samples a shard; ``described`` adds
+    schema.json and each shard's metadata table (what the sink writes since sample format 2)."""
+    from pipeline import sink
+    from pipeline.schema import SCHEMA_FILE, metadata_path, schema_document, shard_metadata
+
+    for unit, first in enumerate(range(0, len(keys), per_shard)):
+        samples = fake_samples(keys[first:first + per_shard], frames=frames)
+        marker = sink.commit_unit(store, unit, samples, {"rows": [], "errors": []})
+        if described:
+            store.write_bytes(metadata_path(marker["shard"]), shard_metadata(samples))
+    if described:
+        store.write_json(SCHEMA_FILE, schema_document("tiny"))
+    sink.finalize(store, "fake-run", sink.committed_units(store), {}, [])

@@ -30,15 +30,6 @@ TINY_SHAPE = AetherShape(layers=3, heads=2, head_dim=16, latent_frames=2, latent
                          latent_width=8, text_tokens=4, steps=6)
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def calibration_cache(tmp_path_factory):
-    """split="auto" (HERO's presets) keeps its calibrations here, not in the home folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HERO_CALIBRATION_DIR", str(tmp_path_factory.mktemp("calibration")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")

@@ -15,14 +15,6 @@ BUILT_IN = ("none", "hero", "hero-fast", "hero-quality", "hero-turbo", "pab", "p
             "fastercache", "fbc", "fbc-fast", "taylorseer", "taylorseer-fast", "magcache")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def calibration_cache(tmp_path_factory):
-    """split="auto" (HERO's presets) keeps its calibrations here, not in the home folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HERO_CALIBRATION_DIR", str(tmp_path_factory.mktemp("calibration")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def model_and_reference():
     model = tiny_cogvideox(num_layers=3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -30,6 +31,18 @@ def drifting_latents(model: TinyVideoModel, num_steps: int, batch: int = 1, seed
 def run(model: TinyVideoModel, inputs: list[torch.Tensor], text: torch.Tensor,
         context: str = "cond") -> list[torch.Tensor]:
     return [model(x, text, step, len(inputs), context) for step, x in enumerate(inputs)]
+
+
+def counted_run(model: TinyVideoModel, inputs: list[torch.Tensor], text: torch.Tensor,
+                config: HeroConfig) -> tuple[int, dict[str, Any]]:
+    """A run with HERO applied: the FLOPs torch's counter saw around it, and HERO's own stats."""
+    apply_hero(model.transformer, config)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            run(model, inputs, text)
+        return counter.get_total_flops(), hero_stats(model.transformer)
+    finally:
+        remove_hero(model.transformer)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -321,15 +334,8 @@ def test_every_call_of_a_kind_executes_the_same_flops():
     the schedule's counts (static shapes, data-independent schedule)."""
     model = tiny_cogvideox(num_layers=3)
     inputs, text = drifting_latents(model, 9), model.text(1)
-    config = HeroConfig(shallow_forecast="linear")
-    apply_hero(model.transformer, config)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            run(model, inputs, text)
-        stats = hero_stats(model.transformer)
-    finally:
-        remove_hero(model.transformer)
-    assert counter.get_total_flops() == stats["flops_executed"]
+    counted, stats = counted_run(model, inputs, text, HeroConfig(shallow_forecast="linear"))
+    assert counted == stats["flops_executed"]
     assert stats["flops_ratio"] < 1.0
 
 
@@ -400,15 +406,9 @@ def test_verified_schedule_promotes_the_step_after_a_drifting_partial_step():
     inputs, text = drifting_latents(model, 12), model.text(1)
     counts = {}
     for threshold in (None, 1e9, 1e-9):
-        config = HeroConfig(interval=4, split=1, verify_threshold=threshold)
-        apply_hero(model.transformer, config)
-        try:
-            with FlopCounterMode(display=False) as counter:
-                run(model, inputs, text)
-            stats = hero_stats(model.transformer)
-        finally:
-            remove_hero(model.transformer)
-        assert counter.get_total_flops() == stats["flops_executed"], "shapes stay static"
+        counted, stats = counted_run(
+            model, inputs, text, HeroConfig(interval=4, split=1, verify_threshold=threshold))
+        assert counted == stats["flops_executed"], "shapes stay static"
         counts[threshold] = (stats["full_steps"], stats["partial_steps"])
     static = schedule(12, HeroConfig(interval=4))
     static_counts = (static.count(StepMode.FULL), static.count(StepMode.PARTIAL))

@@ -23,14 +23,6 @@ HEIGHT = WIDTH = 32
 FRAMES = 9  # 3 latent frames of 16 x 16 latents: 192 video tokens per row
 
 
-@pytest.fixture(autouse=True, scope="module")
-def calibration_cache(tmp_path_factory):
-    """split="auto" (the presets') keeps its calibrations here, not in the home folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HERO_CALIBRATION_DIR", str(tmp_path_factory.mktemp("calibration")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def text_parts(tmp_path_factory):
     """A tiny random T5 encoder and its tokenizer, saved and loaded offline."""
