@@ -44,13 +44,23 @@ def _psnr(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.mean(metrics.psnr(pred, true)))
 
 
-class VaeMonitor:
-    """Reconstruction figures of the VAE on the validation clips."""
+class Monitor:
+    """Validation figures of one stage on the validation clips, appended to ``<csv_name>`` (a
+    resumed run rewinds the file to its checkpoint's step)."""
+
+    csv_name: str
+    columns: tuple[str, ...]
 
     def __init__(self, cfg: "TrainConfig", model: CogVideoXWorldModel, step: int) -> None:
         self.cfg, self.model = cfg, model
         self.clips = validation_clips(cfg.validation_clips)
-        self.log = CsvLog(cfg.workdir / "vae_val.csv", VAE_COLUMNS, step)
+        self.log = CsvLog(cfg.workdir / self.csv_name, self.columns, step)
+
+
+class VaeMonitor(Monitor):
+    """Reconstruction figures of the VAE on the validation clips."""
+
+    csv_name, columns = "vae_val.csv", VAE_COLUMNS
 
     @torch.no_grad()
     def validate(self, step: int) -> dict[str, float]:
@@ -80,13 +90,10 @@ class VaeMonitor:
         return self.model.decode_video(self.model.encode_video(frames[None]))[0]
 
 
-class DitMonitor:
+class DitMonitor(Monitor):
     """Sampled 17-frame predictions of the EMA transformer on the validation clips."""
 
-    def __init__(self, cfg: "TrainConfig", model: CogVideoXWorldModel, step: int) -> None:
-        self.cfg, self.model = cfg, model
-        self.clips = validation_clips(cfg.validation_clips)
-        self.log = CsvLog(cfg.workdir / "dit_val.csv", DIT_COLUMNS, step)
+    csv_name, columns = "dit_val.csv", DIT_COLUMNS
 
     @torch.no_grad()
     def validate(self, step: int, transformer: torch.nn.Module) -> dict[str, float]:
