@@ -43,7 +43,8 @@ def test_default_run_writes_every_row_with_toyworld_and_long_rollouts(default_ru
     assert summary["frames"] == sum(frames.values())
     assert (output / "errors.jsonl").read_text() == ""
     assert (output / "preview.png").stat().st_size > 0
-    assert os.listdir(output / "_staging") == []
+    index = json.loads((output / "index.json").read_text())
+    assert sorted(s["url"] for s in index["shardlist"]) == sorted(f"shards/{p.name}" for p in (output / "shards").iterdir())
     assert f"rollouts    {ROWS} in the dataset" in result.stdout and str(output) in result.stdout
     keys = [s["__key__"] for s in rollout_dataset(str(output))]
     assert keys == list(frames)
@@ -76,14 +77,14 @@ def test_plain_webdataset_and_wids_read_the_run(default_run, tmp_path):
     assert dataset[ROWS - 1]["rgb"].shape == (frames[ROWS - 1], 3, 48, 64)
 
 
-def test_rerun_of_a_finished_run_is_a_noop(default_run, ray_head):
+def test_rerun_of_a_finished_run_writes_nothing(default_run, ray_head):
     output, _ = default_run
-    before = {p.name: p.stat().st_mtime_ns for p in (output / "shards").iterdir()}
+    before = {str(p.relative_to(output)): p.stat().st_mtime_ns for p in output.rglob("*")}
     result = run_job(["--limit", str(ROWS), "--steps", "1", "--rows-per-shard", "2", "--output", str(output)],
-                     ray_head.env)
+                     dict(ray_head.env, RAY_ADDRESS="127.0.0.1:1"))  # and starts no Ray
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "0 to do" in result.stdout
-    assert {p.name: p.stat().st_mtime_ns for p in (output / "shards").iterdir()} == before
+    assert "0 to do (complete and intact: nothing written)" in result.stdout
+    assert {str(p.relative_to(output)): p.stat().st_mtime_ns for p in output.rglob("*")} == before
 
 
 @pytest.mark.parametrize("args,key", [
