@@ -46,6 +46,9 @@ def test_default_run_writes_every_row_with_toyworld_and_long_rollouts(default_ru
     index = json.loads((output / "index.json").read_text())
     assert sorted(s["url"] for s in index["shardlist"]) == sorted(f"shards/{p.name}" for p in (output / "shards").iterdir())
     assert f"rollouts    {ROWS} in the dataset" in result.stdout and str(output) in result.stdout
+    # prep runs as its own tasks, never fused into the actors (docs/pipeline.md)
+    assert ("TaskPoolMapOperator[MapBatches(prepare_units)] -> ActorPoolMapOperator[MapBatches(GenerateUnits)]"
+            in result.stdout + result.stderr)
     keys = [s["__key__"] for s in rollout_dataset(str(output))]
     assert keys == list(frames)
 

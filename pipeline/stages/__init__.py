@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 MAX_READERS = 4
 READER_CPUS = 0.1  # read tasks mostly wait for the planner
+PREP_TASKS_PER_ACTOR = 2
 ONE_UNIT_PER_BLOCK = 1  # target block size in bytes: every block is handed on at once and holds one unit
 
 
@@ -37,13 +38,13 @@ def build_dataset(config: "JobConfig", feed: Any, writer: "ShardWriter"):
     """The Ray Data plan of a run: the planned units from ``feed`` through prep, generate and
     encode-and-write; the dataset's rows are the units' commit outcomes.
 
-    Every block holds one unit, so a lost task or actor redoes one unit's work, and the generate
-    actors are spread over the nodes (``SPREAD``); their remote arguments therefore differ from
-    prep's, and Ray Data, which fuses adjacent map stages only when those are equal, never runs
-    prep inside the actors.
+    Every block holds one unit, so a lost task or actor redoes one unit's work. Prep runs on a
+    task pool of ``PREP_TASKS_PER_ACTOR`` tasks per actor: it keeps the actors fed without crowding
+    them out, and Ray Data fuses a task stage into the actor stage after it only when the task
+    pool's size is unset or equal to the actor pool's, so prep never runs inside the actors.
     """
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from pipeline.stages.encode import encode_and_write
     from pipeline.stages.feed import PlannedUnits
@@ -58,10 +59,11 @@ def build_dataset(config: "JobConfig", feed: Any, writer: "ShardWriter"):
     return (
         ray.data.read_datasource(PlannedUnits(feed, sources), override_num_blocks=sources, num_cpus=READER_CPUS)
         .map_batches(prepare_units, batch_size=1, num_cpus=config.ray.prep_num_cpus,
+                     compute=TaskPoolStrategy(size=PREP_TASKS_PER_ACTOR * gen.actors),
                      fn_kwargs={"geo": model_geometry(config.model.name, config.model.options),
                                 "storage_options": config.sink.storage_options})
         .map_batches(GenerateUnits, batch_size=units_per_call(config), compute=ActorPoolStrategy(size=gen.actors),
-                     num_gpus=gen.num_gpus, num_cpus=gen.num_cpus, scheduling_strategy="SPREAD",
+                     num_gpus=gen.num_gpus, num_cpus=gen.num_cpus,
                      fn_constructor_kwargs={"feed": feed, "rows_per_call": gen.batch_size,
                                             "model": config.model.name, "model_options": config.model.options,
                                             "accel": config.accel.name, "accel_options": config.accel.options,
