@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -145,8 +144,14 @@ def plan_pass(manifest: str) -> dict[str, Any]:
             first_block = first_block or time.perf_counter() - started
             block = []
     return {"rows": counts.rows, "units": counts.units, "first_block_s": first_block,
-            "plan_s": time.perf_counter() - started,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "plan_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ``ru_maxrss``, not inherited across
+    fork and exec from the parent)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
 
 
 def plan_only(manifest: Path) -> dict[str, Any]:
@@ -246,7 +251,8 @@ def writes(requests: dict[str, int]) -> int:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["# Scale study: the driver and the sink", "", f"Command: `{result['command']}`", "",
+    commands = sorted(set(result["commands"].values()))
+    lines = ["# Scale study: the driver and the sink", "", *[f"Command: `{c}`" for c in commands], "",
              f"{result['cpus']} CPUs (shared); tiny model, 1 step, {ROWS_PER_SHARD} rows per shard, output on "
              "moto's S3 on loopback.", "", "## Planning only (no Ray)", "",
              "| rows | units | first block (s) | whole manifest (s) | driver peak RSS (MB) |", "|---|---|---|---|---|"]
@@ -318,6 +324,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--first-row-sizes", default=",".join(map(str, FIRST_ROW_SIZES)))
     parser.add_argument("--generate-rows", type=int, default=128, help="rows of the complete job (3.)")
     parser.add_argument("--noop-max", type=int, default=100_000, help="largest complete run re-run as a no-op (4.)")
+    parser.add_argument("--phases", default="planning,first-row,jobs",
+                        help="which measurements to run (planning: 1., first-row: 2., jobs: 3. and 4.)")
     parser.add_argument("--plan-pass", metavar="MANIFEST", help=argparse.SUPPRESS)  # 1., in its own process
     return parser.parse_args(argv)
 
@@ -326,54 +334,78 @@ def sizes(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s]
 
 
+def first_rows(args: argparse.Namespace, manifests: dict[int, Path], s3: CountingS3, bucket: str) -> list[dict]:
+    """2.: time to the first committed unit, per manifest size."""
+    runs = []
+    for n in sizes(args.first_row_sizes):
+        run = driver(output_args(manifests[n], bucket, f"first-{n}"), s3, stop_at_first_commit=True)
+        runs.append(dict(run, rows=n))
+        print(f"[scale] first commit of {n} rows after {run['first_commit_s']} s", flush=True)
+    return runs
+
+
+def job_and_noops(args: argparse.Namespace, manifests: dict[int, Path], s3: CountingS3, bucket: str
+                  ) -> tuple[dict, list[dict]]:
+    """3. and 4.: a complete job, then no-op reruns of it and of larger synthesized runs."""
+    job_args = output_args(manifests[args.generate_rows], bucket, "job")
+    job = driver(job_args, s3)
+    assert job["returncode"] == 0, job["log"]
+    span = max(job["last_commit_s"] - job["first_commit_s"], 1e-9)
+    job.update(rows=args.generate_rows, units=-(-args.generate_rows // ROWS_PER_SHARD),
+               rows_per_s=(args.generate_rows - ROWS_PER_SHARD) / span)
+    noop = []
+    for n in [args.generate_rows] + [n for n in PLAN_SIZES if n <= args.noop_max]:
+        rerun_args = job_args if n == args.generate_rows else output_args(manifests[n], bucket, f"noop-{n}")
+        commit_requests = {}
+        if n != args.generate_rows:
+            s3.reset()
+            synthesize(rerun_args, s3)
+            commit_requests = dict(s3.counts)
+        run = driver(rerun_args, s3)
+        assert run["returncode"] == 0 and "nothing written" in run["log"], run["log"]
+        noop.append(dict(run, rows=n, units=-(-n // ROWS_PER_SHARD), startup_s=startup(rerun_args),
+                         commit_requests=commit_requests))
+        print(f"[scale] no-op rerun of {n} rows: {run['wall_s']:.1f} s", flush=True)
+    return job, noop
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the phases asked for and merge their results into ``<out>/scale.json`` (a phase rerun
+    alone replaces only its own figures, with its command)."""
     args = parse_args(argv)
     if args.plan_pass:
         print(json.dumps(plan_pass(args.plan_pass)))
         return {}
+    phases = args.phases.split(",")
+    command = "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:])
+    path = args.out / "scale.json"
+    result = json.loads(path.read_text()) if path.exists() else {"commands": {}}
+    result.update(cpus=os.cpu_count(), rows_per_shard=ROWS_PER_SHARD)
     with tempfile.TemporaryDirectory(prefix="hero-bench-scale-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        manifests = {n: write_manifest(work / f"manifest-{n}.jsonl", n)
-                     for n in sorted({*sizes(args.plan_sizes), *sizes(args.first_row_sizes), args.generate_rows,
-                                      *[n for n in PLAN_SIZES if n <= args.noop_max]})}
-        planning = [plan_only(manifests[n]) for n in sizes(args.plan_sizes)]
-        print(f"[scale] planning: {planning}", flush=True)
-        s3 = CountingS3().start()
-        os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=s3.endpoint)  # for the drivers and this process alike
-        bucket = s3.bucket("scale")
-        first_row = []
-        for n in sizes(args.first_row_sizes):
-            run = driver(output_args(manifests[n], bucket, f"first-{n}"), s3, stop_at_first_commit=True)
-            first_row.append(dict(run, rows=n))
-            print(f"[scale] first commit of {n} rows after {run['first_commit_s']} s", flush=True)
-        job_args = output_args(manifests[args.generate_rows], bucket, "job")
-        job = driver(job_args, s3)
-        assert job["returncode"] == 0, job["log"]
-        units = -(-args.generate_rows // ROWS_PER_SHARD)
-        span = max(job["last_commit_s"] - job["first_commit_s"], 1e-9)
-        job.update(rows=args.generate_rows, units=units, rows_per_s=(args.generate_rows - ROWS_PER_SHARD) / span)
-        noop = []
-        for n in [args.generate_rows] + [n for n in PLAN_SIZES if n <= args.noop_max]:
-            rerun_args = job_args if n == args.generate_rows else output_args(manifests[n], bucket, f"noop-{n}")
-            commit_requests = {}
-            if n != args.generate_rows:
-                s3.reset()
-                synthesize(rerun_args, s3)
-                commit_requests = dict(s3.counts)
-            run = driver(rerun_args, s3)
-            assert run["returncode"] == 0 and "nothing written" in run["log"], run["log"]
-            noop.append(dict(run, rows=n, units=-(-n // ROWS_PER_SHARD), startup_s=startup(rerun_args),
-                             commit_requests=commit_requests))
-            print(f"[scale] no-op rerun of {n} rows: {run['wall_s']:.1f} s", flush=True)
-    result = {"command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "cpus": os.cpu_count(), "rows_per_shard": ROWS_PER_SHARD, "planning": planning,
-              "first_row": first_row, "job": job, "noop": noop}
+        wanted = {*sizes(args.plan_sizes)} if "planning" in phases else set()
+        wanted |= {*sizes(args.first_row_sizes)} if "first-row" in phases else set()
+        wanted |= {args.generate_rows, *[n for n in PLAN_SIZES if n <= args.noop_max]} if "jobs" in phases else set()
+        manifests = {n: write_manifest(work / f"manifest-{n}.jsonl", n) for n in sorted(wanted)}
+        if "planning" in phases:
+            result["planning"] = [plan_only(manifests[n]) for n in sizes(args.plan_sizes)]
+            print(f"[scale] planning: {result['planning']}", flush=True)
+        if "first-row" in phases or "jobs" in phases:
+            s3 = CountingS3().start()
+            os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=s3.endpoint)  # for the drivers and this process alike
+            bucket = s3.bucket("scale")
+        if "first-row" in phases:
+            result["first_row"] = first_rows(args, manifests, s3, bucket)
+        if "jobs" in phases:
+            result["job"], result["noop"] = job_and_noops(args, manifests, s3, bucket)
+    result["commands"].update(dict.fromkeys(phases, command))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "scale.md").write_text(markdown(result))
-    plot(result, args.out / "scale.png")
-    print(markdown(result))
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    if all(key in result for key in ("planning", "first_row", "job", "noop")):
+        (args.out / "scale.md").write_text(markdown(result))
+        plot(result, args.out / "scale.png")
+        print(markdown(result))
     return result
 
 

@@ -177,8 +177,8 @@ class Planner(threading.Thread):
             print(f"  plan   {self.counts.line()}", flush=True)
         except PlanMismatch as exc:
             self.error = f"input: {exc}; the manifest changed during the run"
-        except Exception as exc:  # the feed was killed: the run is ending
-            self.error = self.error or f"planning stopped: {type(exc).__name__}"
+        except Exception as exc:  # a manifest that cannot be read, or the feed killed as the run ends
+            self.error = f"planning stopped: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 class Progress(threading.Thread):

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline import faults
 from pipeline.config import ConfigError
 from pipeline.sink.layout import (
-    ERRORS_FILE, INDEX_FILE, LAYOUT, PREVIEW_FILES, RUN_FILE, SHARDS_DIR, SUMMARY_FILE, Inventory, OutputError,
-    marker_path, take_inventory,
+    COMMITS_DIR, ERRORS_FILE, INDEX_FILE, LAYOUT, PREVIEW_FILES, RUN_FILE, SHARDS_DIR, SUMMARY_FILE, Inventory,
+    OutputError, marker_path, take_inventory,
 )
 from pipeline.sink.lease import Lease, LeaseHeld, LeaseLost
 from pipeline.sink.log import CommitState, LogCompactor, commit_record, read_log, record_line, unit_stats
@@ -106,8 +106,11 @@ class RolloutSink:
                                                      "entries in the output); give another --output, or "
                                                      "--adopt-foreign to write beside them without touching them")
         self.run_record = self._check_run_record()
-        self.state = read_log(self.store, self.inventory.segments, self.inventory.markers,
-                              self.config.sink.parallel_reads)
+        try:
+            self.state = read_log(self.store, self.inventory.segments, self.inventory.markers,
+                                  self.config.sink.parallel_reads)
+        except PermissionError as exc:
+            raise OutputError(self.store.url(COMMITS_DIR), f"cannot be read: {exc.strerror or exc}") from None
         self.damaged = self._verify_shards()
 
     def _check_run_record(self) -> dict[str, Any] | None:
