@@ -100,12 +100,12 @@ class RolloutSink:
         except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
             raise OutputError(self.store.url(), str(exc)) from None
         self.inventory = take_inventory(self.store, self.config.run_id)
+        self.run_record = self._check_run_record()  # another run's output is named as such first
         if self.inventory.foreign and not self.config.sink.adopt_foreign:
             first = self.inventory.foreign[0]
             raise OutputError(self.store.url(first), f"is not a file this run wrote ({len(self.inventory.foreign)} such "
                                                      "entries in the output); give another --output, or "
                                                      "--adopt-foreign to write beside them without touching them")
-        self.run_record = self._check_run_record()
         try:
             self.state = read_log(self.store, self.inventory.segments, self.inventory.markers,
                                   self.config.sink.parallel_reads)
