@@ -14,7 +14,7 @@ import torch
 
 from hero import metrics
 from hero.models.base import Rollout
-from hero.evaluation.toyworld import score_against_truth
+from hero.evaluation import score_against_truth
 from hero.world import FAR, Clip
 
 SCORED = slice(1, None)

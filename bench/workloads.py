@@ -20,7 +20,7 @@ from hero.models import load_model
 from hero.models.base import Rollout, RolloutRequest
 from hero.models.cogvideox_world import (CogVideoXWorldModel, ModelSpec, build_condition,
                                          fold_raymap, latent_frames)
-from hero.evaluation.toyworld import EvalConfig, heldout_request
+from hero.evaluation import EvalConfig, heldout_request
 from hero.models.toyworld.model import SCHEDULER_CONFIG, VAE_CONFIG, WEIGHTS_DIR
 from hero.world import Clip, clip_for_seed
 

@@ -120,20 +120,24 @@ def write_preview(rollout: Frames, directory: str | Path, name: str, columns: in
     return [sheet, gif]
 
 
+def comparison_rows(rollout: Frames, truth: Frames, label: str = "") -> list[tuple[str, np.ndarray]]:
+    """Sheet rows truth/model RGB and truth/model depth; both depths share the truth's colour range,
+    so a colour difference is a depth error."""
+    value_range = inverse_depth_range(truth.depth)
+    return [(f"{label}truth RGB", truth.rgb), (f"{label}model RGB", rollout.rgb),
+            (f"{label}truth depth", colorize_depth(truth.depth, value_range)),
+            (f"{label}model depth", colorize_depth(rollout.depth, value_range))]
+
+
 def write_comparison(rollout: Frames, truth: Frames, directory: str | Path, name: str,
                      columns: int = 12, fps: float = 8.0, scale: int = 2) -> list[Path]:
-    """Rollout against the truth: sheet rows truth/model RGB and depth; GIF truth on top, model below.
-
-    Both depths share the truth's colour range, so a colour difference is a depth error.
-    """
+    """Rollout against the truth: ``<name>_sheet.png`` (:func:`comparison_rows`) and ``<name>.gif``
+    (truth on top, model below)."""
     directory = Path(directory)
-    value_range = inverse_depth_range(truth.depth)
-    true_depth = colorize_depth(truth.depth, value_range)
-    model_depth = colorize_depth(rollout.depth, value_range)
-    sheet = contact_sheet([("truth RGB", truth.rgb), ("model RGB", rollout.rgb),
-                           ("truth depth", true_depth), ("model depth", model_depth)],
-                          directory / f"{name}_sheet.png", columns, title=name)
-    gif = write_gif(animation([[truth.rgb, true_depth], [rollout.rgb, model_depth]], scale),
+    rows = comparison_rows(rollout, truth)
+    sheet = contact_sheet(rows, directory / f"{name}_sheet.png", columns, title=name)
+    (_, true_rgb), (_, model_rgb), (_, true_depth), (_, model_depth) = rows
+    gif = write_gif(animation([[true_rgb, true_depth], [model_rgb, model_depth]], scale),
                     directory / f"{name}.gif", fps)
     return [sheet, gif]
 

@@ -7,7 +7,9 @@ import argparse
 import sys
 from typing import Any
 
-from pipeline.config import DEFAULT_MODEL, DEFAULT_OUTPUT_ROOT, ConfigError, JobConfig, build_config, parse_value, resolve
+from pipeline.config import (
+    DEFAULT_MODEL, DEFAULT_OUTPUT_ROOT, ConfigError, JobConfig, OutputError, build_config, parse_value, resolve,
+)
 
 OVERRIDES = {  # option dest -> config key
     "input": "input", "output": "output", "model": "model.name", "accel": "accel.name", "limit": "limit",
@@ -31,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", metavar="URI", help="output prefix (absolute path or URL; '{run_id}' is "
                         f"replaced); default: {DEFAULT_OUTPUT_ROOT}/{{run_id}}")
     parser.add_argument("--model", metavar="NAME", help=f"world model: tiny, toyworld, aether (default: {DEFAULT_MODEL})")
-    parser.add_argument("--accel", metavar="NAME", help="accelerator applied to the transformer: none, hero, or a "
-                        "diffusers cache (default: none)")
+    parser.add_argument("--accel", metavar="NAME", help="accelerator applied to the transformer: hero (HERO's default "
+                        "preset), hero-fast, none (full compute), or a diffusers cache (default: hero)")
     parser.add_argument("--limit", metavar="N", type=int, help="use only the first N manifest rows")
     parser.add_argument("--actors", metavar="N", type=int, help="generate actors (one model each; default 1)")
     parser.add_argument("--batch-size", metavar="N", type=int, help="rollouts per model call (default 1)")
@@ -87,11 +89,10 @@ def check_names(config: JobConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.run import run
-    from pipeline.sink import OutputError
-
     try:
         config = load(argv)
+        from pipeline.run import run  # torch, Ray and the models load only once there is work (not for --help)
+
         return run(config)
     except (ConfigError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -32,6 +32,16 @@ class ConfigError(ValueError):
         self.reason = reason
 
 
+class OutputError(Exception):
+    """The output location cannot be used as it is; ``path`` names the offending file or folder
+    (see :mod:`pipeline.sink.layout`). Found before any work; exit status 2, like ConfigError."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"output {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True)
 
@@ -60,6 +70,15 @@ class GenerateConfig(_Section):
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(0.5, gt=0, description="CPUs per actor (logical; fractional on a laptop)")
     steps: int | None = Field(None, ge=1, description="denoising steps for every row (None: the row's or the model's)")
+
+
+class AuditConfig(_Section):
+    """Quality audit (:mod:`pipeline.audit`): re-generate about ``fraction`` of the rows, chosen by
+    a hash of their id and ``seed``, at full compute (accelerator off) and record the accelerator's
+    drift against it (PSNR, depth AbsRel, pose error) in their meta.json and in summary.json."""
+
+    fraction: float = Field(0.0, ge=0, le=1, description="share of rows audited, e.g. 0.01; 0 turns it off")
+    seed: int = Field(0, ge=0)
 
 
 class SinkConfig(_Section):
@@ -96,6 +115,7 @@ class JobConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     accel: AccelConfig = Field(default_factory=AccelConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     sink: SinkConfig = Field(default_factory=SinkConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     _manifest_digest: str | None = PrivateAttr(default=None)

@@ -6,6 +6,7 @@ exclusively, so two processes never take the same turn). Switches in use:
 
 - ``ACTOR_EXIT``: a generate actor exits mid-unit (after its first model batch);
 - ``CORRUPT_UPLOAD``: a shard is uploaded with damaged bytes (its checksum check must catch it);
+- ``AUDIT_ERROR``: a generate actor's full-compute audit run fails;
 - crash points, where the process SIGKILLs itself at one moment of the commit protocol:
   ``WORKER_AFTER_SHARD`` (a worker, its shard stored, its marker not written),
   ``WORKER_AFTER_MARKER`` (a worker, its unit committed, the record not yet handed back),

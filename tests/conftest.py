@@ -234,6 +234,20 @@ def fake_samples(keys: list[str], frames: int = 5, height: int = 8, width: int =
         rollout = Rollout(rgb=rng.integers(0, 255, (frames, height, width, 3), dtype=np.uint8),
                           depth=rng.uniform(0.5, 20, (frames, height, width)).astype(np.float32),
                           depth_is_metric=True, k=np.tile(np.eye(3), (frames, 1, 1)).astype(np.float32),
-                          c2w=c2w.astype(np.float32), actions=pose_deltas(c2w))
-        samples.append((key, encode_sample(rollout, {"id": key, "model": "fake"})))
+                          c2w=c2w.astype(np.float32), actions=pose_deltas(c2w), meta={"commanded_c2w": c2w.tolist()})
+        samples.append((key, encode_sample(rollout, {"id": key, "model": "fake", "task": "prediction", "fps": 12})))
     return samples
+
+
+def write_fake_run(store, keys: list[str], frames: int = 5, per_shard: int = 2, described: bool = True) -> None:
+    """A committed run of :func:`fake_samples`, ``per_shard`` samples a shard; ``described`` adds
+    schema.json and each shard's metadata table (what the sink writes since sample format 2)."""
+    from pipeline.schema import SCHEMA_FILE, metadata_path, schema_document, shard_metadata
+    from pipeline.sink import write_committed_run
+
+    units = [fake_samples(keys[first:first + per_shard], frames=frames) for first in range(0, len(keys), per_shard)]
+    state = write_committed_run(store, "fake-run", units)
+    if described:
+        for (_, committed), samples in zip(sorted(state.units.items()), units):
+            store.write_bytes(metadata_path(committed.shard), shard_metadata(samples))
+        store.write_json(SCHEMA_FILE, schema_document("tiny"))

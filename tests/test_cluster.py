@@ -473,6 +473,15 @@ def test_image_installs_the_package_with_the_gpu_extra(dockerfile):
     assert re.search(rf"^WORKDIR {IMAGE_ROOT}$", dockerfile, flags=re.MULTILINE)
 
 
+def test_image_installs_dependencies_before_copying_the_source(dockerfile):
+    lines = dockerfile.splitlines()
+    dependencies = next(i for i, line in enumerate(lines) if "-r pyproject.toml" in line)
+    source = lines.index(f"COPY . {IMAGE_ROOT}")
+    assert "--no-build-isolation-package flash-attn" in lines[dependencies]
+    assert not any(line.startswith("COPY .") for line in lines[:dependencies])  # only pyproject.toml, README.md
+    assert dependencies < source and "--no-deps" in lines[source + 1]
+
+
 def test_image_runs_kuberay_probes_as_a_non_root_user(dockerfile):
     assert re.search(r"apt-get install[^\n]*\bwget\b", dockerfile)  # KubeRay's health probes
     users = re.findall(r"^USER (\S+)$", dockerfile, flags=re.MULTILINE)

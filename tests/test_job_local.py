@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -64,7 +66,7 @@ def test_shards_read_back_with_the_right_shapes(default_run):
         assert sample["actions"].shape == (n, 6)
         torch.testing.assert_close(sample["c2w"][0], torch.eye(4), atol=1e-3, rtol=0)
         meta = sample["meta"]
-        assert meta["model"] == "toyworld" and meta["steps"] == 1 and meta["schema_version"] == 1
+        assert meta["model"] == "toyworld" and meta["steps"] == 1 and meta["schema_version"] == 2
         assert meta["accelerator"]["name"] == "hero" and "generate_s" in meta["timings"]
         assert meta["task"] in ("prediction", "planning", "reconstruction")
 
@@ -136,3 +138,12 @@ def test_shipped_configs_are_valid(name):
     assert config.generate.actors >= 1 and config.sink.rows_per_shard >= 1
     if name == "aether-gpu.yaml":
         assert config.model.name == "aether" and config.generate.num_gpus == 1
+
+
+def test_help_loads_no_model_stack_and_names_the_default_accelerator():
+    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "jobs" / "generate.py"), "--help"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
+    assert not {"torch", "ray", "diffusers", "av"} & imported
+    assert "(default: hero)" in " ".join(result.stdout.split())

@@ -62,7 +62,7 @@ def test_a_worker_commit_stores_a_verified_shard_then_its_marker(tmp_path):
     assert record["epoch"] == 2 and record["node"] == "node-x" and record["etag"] is None  # local: no store checksum
     with tarfile.open(tmp_path / "out" / record["shard"]) as tar:
         names = tar.getnames()
-    assert names[:5] == [f"a-1.{field}" for field in ("rgb.mp4", "depth.npz", "camera.npz", "action.npy", "meta.json")]
+    assert names[:5] == [f"a-1.{field}" for field in ("rgb.mp4", "depth.mkv", "camera.npz", "action.npy", "meta.json")]
     assert store.read_json(marker_path(3, 2)) == json.loads(json.dumps(record))
     assert [key for key, _ in read_samples(store, record["shard"])] == ["a-1", "a-2"]
 

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline import faults
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, OutputError
 from pipeline.sink.layout import (
     COMMITS_DIR, ERRORS_FILE, INDEX_FILE, LAYOUT, PREVIEW_FILES, RUN_FILE, SHARDS_DIR, SUMMARY_FILE, Inventory,
-    OutputError, marker_path, take_inventory,
+    marker_path, shard_name_pattern, take_inventory,
 )
 from pipeline.sink.lease import Lease, LeaseHeld, LeaseLost
 from pipeline.sink.log import CommitState, LogCompactor, commit_record, read_log, record_line, unit_stats
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from pipeline.plan import PlanCounts
 
 __all__ = ["ERRORS_FILE", "INDEX_FILE", "RUN_FILE", "SUMMARY_FILE", "LeaseHeld", "LeaseLost", "OutputError",
-           "RolloutSink", "ShardWriter", "read_samples"]
+           "RolloutSink", "ShardWriter", "read_samples", "write_committed_run"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,23 @@ class ShardWriter:
         except Exception as exc:
             return {"error": {"id": None, "unit": unit, "field": "shard", "stage": "commit",
                               "reason": f"{type(exc).__name__}: {exc}", "source": None, "line": None}}
+
+
+def write_committed_run(store: Store, run_id: str, units: Iterable[list[Sample]]) -> CommitState:
+    """Commit ready-made samples as units 0, 1, ... through the workers' write path and write their
+    index: an output the loaders read like a job's, for tools, tests and benchmarks that need shards
+    without running a job (no lease, run record or summary)."""
+    writer, state = ShardWriter(store, run_id, epoch=1), CommitState()
+    compactor = LogCompactor(store, epoch=1, every=1 << 30)
+    for number, samples in enumerate(units):
+        plan = {"rows": [{"id": key} for key, _ in samples], "digest": ""}
+        metas = [json.loads(files["meta.json"]) for _, files in samples]
+        record = writer.write(number, samples, metas, [], plan, None)["record"]
+        state.add(record)
+        compactor.add(record)
+    compactor.flush()
+    store.write_json(INDEX_FILE, build_index(run_id, state))
+    return state
 
 
 class RolloutSink:
@@ -207,13 +225,15 @@ class RolloutSink:
         self.store.write_bytes(RUN_FILE, json_bytes(self.run_record))
 
     def _remove_leftovers(self) -> int:
-        """Delete this run's files no record vouches for (shards of attempts that never committed,
-        superseded or damaged shards, unfinished local writes) once older than the lease TTL, so a
-        stalled driver's upload in flight is never taken from under it. Never a foreign file."""
+        """Delete this run's files no record vouches for (shards and side files of attempts that
+        never committed, superseded or damaged shards, unfinished local writes) once older than the
+        lease TTL, so a stalled driver's upload in flight is never taken from under it. Never a
+        foreign file."""
         cutoff = time.time() - self.config.sink.lease_s
-        vouched = self.state.shard_names()
+        stem = shard_name_pattern(self.config.run_id)
+        vouched = {stem.fullmatch(name)["stem"] for name in self.state.shard_names()}
         stale = [f"{SHARDS_DIR}/{name}" for name, entry in self.inventory.shards.items()
-                 if name not in vouched and entry.mtime < cutoff]
+                 if stem.fullmatch(name)["stem"] not in vouched and entry.mtime < cutoff]
         stale += [rel for rel, entry in self.inventory.temps.items() if entry.mtime < cutoff]
         self.store.delete_many(stale)
         return len(stale)

@@ -2,10 +2,11 @@
 
     run.json                               the run record: layout, run id, what is generated
     shards/<run id>-000003-1f2e3d4c.tar    unit 3's shard; the token is unique to one write attempt
+    shards/<run id>-000003-1f2e3d4c.parquet  its metadata table, when written (pipeline.schema)
     _commits/unit-00000003.e000002.json    unit 3's commit marker, lease epoch 2 (worker, create-only)
     _commits/log-e000002-000000.jsonl      markers compacted by the driver of epoch 2 (create-only)
     _lease/epoch-000002.json               the lease of epoch 2: which driver may write, until when
-    index.json, summary.json, errors.jsonl, preview.png, preview.gif
+    index.json, summary.json, errors.jsonl, preview.png, preview.gif, schema.json
 
 A run owns exactly these names: shard names carry its run id, and everything else lives under
 ``run.json``, which names the run. Anything else under the prefix is foreign: the run refuses the
@@ -16,9 +17,12 @@ where the run writes are refused in every case: a run never writes or deletes th
 
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass, field
 
+from pipeline.config import OutputError
+from pipeline.schema import SCHEMA_FILE, metadata_path
 from pipeline.storage import Entry, Store
 
 LAYOUT = "hero-rollouts/output-2"
@@ -30,7 +34,9 @@ PREVIEW_FILES = ("preview.png", "preview.gif")
 SHARDS_DIR = "shards"
 COMMITS_DIR = "_commits"
 LEASE_DIR = "_lease"
-TOP_FILES = (RUN_FILE, INDEX_FILE, SUMMARY_FILE, ERRORS_FILE, *PREVIEW_FILES)
+SHARD_SUFFIX = ".tar"
+SIDE_SUFFIX = posixpath.splitext(metadata_path("shard.tar"))[1]  # a shard's metadata table
+TOP_FILES = (RUN_FILE, INDEX_FILE, SUMMARY_FILE, ERRORS_FILE, SCHEMA_FILE, *PREVIEW_FILES)
 TOP_DIRS = (SHARDS_DIR, COMMITS_DIR, LEASE_DIR)
 TEMP_SUFFIX = r"(?:\.tmp-[0-9a-f]{32})?"  # a local atomic write in flight (pipeline.storage)
 TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{32}$")
@@ -39,18 +45,8 @@ SEGMENT_NAME = re.compile(rf"log-e(?P<epoch>\d{{6,}})-(?P<seq>\d{{6,}})\.jsonl{T
 LEASE_NAME = re.compile(rf"epoch-(?P<epoch>\d{{6,}})\.json{TEMP_SUFFIX}")
 
 
-class OutputError(Exception):
-    """The output location cannot be used as it is; ``path`` names the offending file or folder.
-    Found before any work; ``jobs/generate.py`` exits with status 2."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"output {path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
 def shard_path(run_id: str, unit: int, token: str) -> str:
-    return f"{SHARDS_DIR}/{run_id}-{unit:06d}-{token}.tar"
+    return f"{SHARDS_DIR}/{run_id}-{unit:06d}-{token}{SHARD_SUFFIX}"
 
 
 def marker_path(unit: int, epoch: int) -> str:
@@ -66,7 +62,10 @@ def lease_path(epoch: int) -> str:
 
 
 def shard_name_pattern(run_id: str) -> re.Pattern[str]:
-    return re.compile(rf"{re.escape(run_id)}-(?P<unit>\d{{6,}})-(?P<token>[0-9a-f]{{8}})\.tar{TEMP_SUFFIX}")
+    """This run's files in ``shards/``: shards and their side files (``stem`` names the attempt)."""
+    suffixes = "|".join(re.escape(suffix) for suffix in (SHARD_SUFFIX, SIDE_SUFFIX))
+    return re.compile(rf"(?P<stem>{re.escape(run_id)}-(?P<unit>\d{{6,}})-(?P<token>[0-9a-f]{{8}}))"
+                      rf"(?:{suffixes}){TEMP_SUFFIX}")
 
 
 def is_temp(name: str) -> bool:

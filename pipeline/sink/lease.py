@@ -23,7 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.sink.layout import LEASE_DIR, LEASE_NAME, OutputError, is_temp, lease_path
+from pipeline.config import OutputError
+from pipeline.sink.layout import LEASE_DIR, LEASE_NAME, is_temp, lease_path
 from pipeline.storage import Store, json_bytes
 
 logger = logging.getLogger(__name__)

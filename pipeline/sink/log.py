@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import faults
-from pipeline.sink.layout import COMMITS_DIR, OutputError, is_temp, marker_path, segment_path
+from pipeline.config import OutputError
+from pipeline.sink.layout import COMMITS_DIR, is_temp, marker_path, segment_path
 from pipeline.sink.shards import StoredShard
 from pipeline.storage import Store
 

@@ -13,6 +13,7 @@ import numpy as np
 from hero.models.base import Rollout, RolloutRequest
 from hero.rollout import generate_any_length
 from pipeline import faults
+from pipeline.audit import drift, is_audited
 from pipeline.manifest import ManifestRow
 from pipeline.stages.rows import FIELD_IN_MESSAGE, ROW_COLUMNS, columns, error_json, pack, rows, unpack
 
@@ -51,7 +52,7 @@ class GenerateRollouts:
     once, in ``__init__``, then turns batches of prepared rows into rollouts."""
 
     def __init__(self, model: str, model_options: dict[str, Any], accel: str, accel_options: dict[str, Any],
-                 steps: int | None) -> None:
+                 steps: int | None, audit: dict[str, Any] | None = None) -> None:
         started = time.time()
         from hero.accelerators import apply_accelerator
         from hero.models import load_model
@@ -64,6 +65,8 @@ class GenerateRollouts:
         self.accel_options = accel_options
         self.accelerator = apply_accelerator(self.model.transformer, accel, **accel_options)
         self.steps = steps
+        self.audit = audit or {}
+        self.fps = getattr(getattr(self.model, "spec", None), "fps", None)
         self.metrics = RolloutMetrics(model, accel)
         ready = time.time()
         self.startup = {"init_s": ready - started, "ready_at": ready}
@@ -89,16 +92,43 @@ class GenerateRollouts:
         stats = self._accel_stats()
         done = [r for r in rollouts if r is not None]
         self.metrics.record(done, len(items) - len(done), seconds, stats)
-        for item, rollout in zip(items, rollouts):
+        audits = self._audit(items, requests, rollouts)
+        for index, (item, rollout) in enumerate(zip(items, rollouts)):
             if rollout is None:
                 continue
             meta = json.loads(item["meta"] or "{}")
             timings = dict(rollout.meta.get("timings", {}), **meta.get("timings", {}), generate_s=seconds)
             meta = dict(rollout.meta, timings=timings, actor=self.startup,
                         accelerator={"name": self.accel_name, "options": self.accel_options, "stats": stats})
+            meta.setdefault("fps", self.fps)
+            if index in audits:
+                meta["audit"] = audits[index]
             item["rollout"] = pack({"rgb": rollout.rgb, "depth": rollout.depth, "k": rollout.k, "c2w": rollout.c2w,
                                     "actions": rollout.actions, "depth_is_metric": np.array(rollout.depth_is_metric)})
             item["meta"] = json.dumps(meta, default=_jsonable)
+
+    def _audit(self, items: list[dict[str, Any]], requests: list[RolloutRequest],
+               rollouts: list[Rollout | None]) -> dict[int, dict[str, Any]]:
+        """Re-generate the audited rows (``pipeline.audit``) with the accelerator off; their drift by row index."""
+        chosen = [i for i, rollout in enumerate(rollouts) if rollout is not None
+                  and is_audited(items[i]["id"], self.audit.get("fraction", 0.0), self.audit.get("seed", 0))]
+        if not chosen:
+            return {}
+        from hero.accelerators import apply_accelerator
+
+        started = time.perf_counter()
+        self.accelerator.remove()
+        try:
+            if faults.inject("audit_error"):
+                raise RuntimeError("injected audit failure")
+            full = self._run([requests[i] for i in chosen])
+        except Exception as exc:  # a failed audit costs no sample: the failure is recorded instead
+            return {i: {"accelerator": self.accel_name, "error": f"{type(exc).__name__}: {exc}"} for i in chosen}
+        finally:
+            self.accelerator = apply_accelerator(self.model.transformer, self.accel_name, **self.accel_options)
+        seconds = (time.perf_counter() - started) / len(chosen)
+        return {i: dict(drift(rollouts[i], rollout), accelerator=self.accel_name, full_generate_s=seconds)
+                for i, rollout in zip(chosen, full)}
 
     def _run(self, requests: list[RolloutRequest]) -> list[Rollout]:
         """Generate; requests longer than the model's clips are chained (``hero.rollout``)."""

@@ -10,13 +10,14 @@ import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 from safetensors.torch import load_file
 
+from hero import world
 from hero.models.cogvideox_world import CogVideoXWorldModel, ModelSpec
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 TOYWORLD_SPEC = ModelSpec(
-    name="toyworld", revision="untrained", height=48, width=64, frame_options=(17,),
-    fov_x_deg=70.0, fps=12, metric_dmax=2.0, far=60.0,
+    name="toyworld", revision="untrained", height=world.HEIGHT, width=world.WIDTH,
+    frame_options=(world.CLIP_FRAMES,), fov_x_deg=world.FOV_X_DEG, fps=12, metric_dmax=2.0, far=world.FAR,
     default_steps={"prediction": 30, "planning": 30, "reconstruction": 4},
 )
 
@@ -26,24 +27,25 @@ VAE_CONFIG = dict(
     temporal_compression_ratio=4, sample_height=48, sample_width=64,
 )
 
+# 256 features per token (8 heads x 32): wider than the 56 x 2 x 2 = 224 latent values each token
+# is projected back to, so the output map is not rank-limited and v-prediction can express noise.
 TRANSFORMER_CONFIG = dict(
-    num_attention_heads=4, attention_head_dim=32, in_channels=96, out_channels=56,
-    time_embed_dim=128, text_embed_dim=32, num_layers=12, sample_width=16, sample_height=12,
+    num_attention_heads=8, attention_head_dim=32, in_channels=96, out_channels=56,
+    time_embed_dim=64, text_embed_dim=32, num_layers=10, sample_width=16, sample_height=12,
     sample_frames=17, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=8,
     use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False,
 )
 
-# toyworld predicts the clean latents ("sample"), not v as Aether does: its 128-wide transformer
-# projects each token back to 56 x 2 x 2 = 224 latent values, a rank-128 map that can express clean
-# latents (smooth, low-rank) but not the full-rank noise that v holds at low noise levels.
+# v-prediction with zero terminal SNR and trailing timesteps, as CogVideoX and Aether.
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="sample", rescale_betas_zero_snr=True, snr_shift_scale=1.0,
+    prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=1.0,
     timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True,
 )
 
 
-def build_components(num_layers: int = TRANSFORMER_CONFIG["num_layers"], heads: int = 4,
+def build_components(num_layers: int = TRANSFORMER_CONFIG["num_layers"],
+                     heads: int = TRANSFORMER_CONFIG["num_attention_heads"],
                      vae_channels: tuple[int, ...] = VAE_CONFIG["block_out_channels"], seed: int = 0
                      ) -> tuple[AutoencoderKLCogVideoX, CogVideoXTransformer3DModel,
                                 CogVideoXDDIMScheduler, torch.Tensor]:

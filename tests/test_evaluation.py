@@ -1,4 +1,4 @@
-"""toyworld's evaluation against the rendered truth (hero.evaluation.toyworld).
+"""Scoring world models against the rendered truth (hero.evaluation).
 
 Run on the tiny random model: the numbers mean nothing, but every figure in the table is checked
 against an independent computation, so the same command on the trained weights can be trusted.
@@ -15,18 +15,11 @@ import pytest
 from hero import metrics
 from hero.models.base import Rollout
 from hero.models.toyworld import load_tiny
-from hero.evaluation.toyworld import (
-    METRICS,
-    EvalConfig,
-    apply_accel,
-    baseline_rollout,
-    evaluate,
-    heldout_markdown,
-    long_clip,
-    long_trajectory,
-    main,
-    score_against_truth,
-)
+from hero.evaluation import METRICS, EvalConfig, baseline_rollout, evaluate, score_against_truth
+from hero.evaluation.__main__ import apply_accel, main
+from hero.evaluation.drift import long_clip, long_trajectory
+from hero.evaluation.heldout import heldout_markdown
+from hero.evaluation.sensitivity import SensitivityConfig, evaluate_sensitivity, sensitivity_markdown
 from hero.world import FAR, HELDOUT_SEED_BASE, clip_for_seed
 
 
@@ -54,6 +47,9 @@ def test_the_truth_scores_perfectly():
     np.testing.assert_allclose(scores["abs_rel"], 0.0, atol=1e-12)
     np.testing.assert_allclose(scores["rot_err_deg"], 0.0, atol=1e-3)
     np.testing.assert_allclose(scores["trans_err"], 0.0, atol=1e-6)
+    object_frames = clip.objects[1:].any(axis=(1, 2))
+    assert np.isinf(scores["object_psnr"][object_frames]).all()
+    assert np.isnan(scores["object_psnr"][~object_frames]).all()
     assert all(values.shape == (16,) for values in scores.values())  # frame 0 is given, not scored
 
 
@@ -100,6 +96,8 @@ def test_heldout_summary_matches_an_independent_computation(heldout):
         ours = [s["model"][name] for s in heldout.scenes]
         assert row["model"]["mean"] == pytest.approx(np.mean(ours))
         assert row["model"]["std"] == pytest.approx(np.std(ours))
+        half = 12.706 * np.std(ours, ddof=1) / np.sqrt(2)  # Student's t, 1 degree of freedom
+        assert row["model"]["ci95"] == pytest.approx(half)
         assert row["scenes"] == 2 and 0 <= row["model_wins"] <= 2
     assert len(heldout.summary["per_frame_mean"]["model_psnr"]) == 16
 
@@ -110,12 +108,12 @@ def test_heldout_markdown_has_one_row_per_metric(heldout):
     assert len(rows) == len(METRICS)
     assert "2 scenes" in table and "model `tiny`" in table
     psnr = heldout.summary["psnr"]["model"]
-    assert f"{psnr['mean']:.3f} ± {psnr['std']:.3f}" in rows[0]
+    assert f"{psnr['mean']:.3f} ± {psnr['ci95']:.3f} [{psnr['median']:.3f}]" in rows[0]
 
 
 def test_long_evaluation_command_writes_table_plot_and_preview(tmp_path):
     out = tmp_path / "drift"
-    written = main(["--model", "tiny", "--long", "--scenes", "1", "--frames", "33", "--steps", "1",
+    written = main(["drift", "--model", "tiny", "--scenes", "1", "--frames", "33", "--steps", "1",
                     "--out", str(out)])
     names = sorted(path.name for path in written)
     assert names == ["drift.gif", "drift.json", "drift.md", "drift.png", "drift_sheet.png"]
@@ -130,6 +128,28 @@ def test_long_evaluation_command_writes_table_plot_and_preview(tmp_path):
     assert iio.imread(out.with_suffix(".png")).shape[-1] in (3, 4)
     assert iio.imread(out.with_suffix(".gif"), index=None).shape[0] == 33
     assert out.with_suffix(".md").read_text().count("\n| ") == 3  # header + two chunks
+    assert set(data["summary"]["last_frame"]) == {"rot_err_deg", "trans_err"}
+
+
+def test_heldout_command_writes_table_json_and_a_contact_sheet(tmp_path):
+    written = main(["heldout", "--model", "tiny", "--scenes", "2", "--steps", "1", "--out", str(tmp_path / "h")])
+    assert sorted(path.name for path in written) == ["h.json", "h.md", "h_sheet.png"]
+    assert iio.imread(tmp_path / "h_sheet.png").shape[-1] in (3, 4)
+
+
+def test_sensitivity_compares_step_counts_per_seed_and_seeds_at_the_default(tiny):
+    config = SensitivityConfig(scenes=2, noise_seeds=2, step_counts=(1, 2, None), batch_size=2)
+    result = evaluate_sensitivity(tiny, config)
+    summary = result.summary
+    assert summary["default_steps"] == tiny.default_steps("prediction") == 4
+    assert summary["step_counts"] == [1, 2, 4]
+    for steps in (1, 2):
+        assert summary[f"{steps}_vs_default"]["count"] == 4  # 2 scenes x 2 seeds
+        assert np.isfinite(summary[f"{steps}_vs_default"]["mean"])
+    assert summary["between_seeds"]["count"] == 2  # one seed pair per scene
+    assert "4_vs_default" not in summary
+    table = sensitivity_markdown(result)
+    assert "| 4 | (the reference) |" in table and "Between noise seeds at 4 steps" in table
 
 
 def test_model_spec_matches_the_loaded_models_without_weights():

@@ -1,0 +1,163 @@
+"""Stages 3 and 4: encode every clip once, then train toyworld's transformer with v-prediction.
+
+The objective is the sampler's own: v-prediction under the zero-terminal-SNR DDIM schedule that
+ships with the weights (CogVideoX's and Aether's), MSE over the 56 latent channels with the 24
+raymap channels weighted ``camera_weight`` times (they carry the camera the model must copy, and
+their variance is a tenth of the image latents'). Tasks are mixed per row (prediction, planning,
+reconstruction) as the sampler builds them, the condition is dropped ``cfg_dropout`` of the time
+for classifier-free guidance, and an EMA copy is kept for export. The forward runs under bfloat16
+autocast; weights, optimiser and EMA stay in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from hero.models.cogvideox_world import (
+    RGB_CHANNELS,
+    CogVideoXWorldModel,
+    build_condition,
+    fold_raymap,
+    unconditional,
+)
+from hero.models.toyworld.model import build_components
+from hero.training import monitor
+from hero.training.checkpoints import CsvLog, load_checkpoint, save_checkpoint
+from hero.training.data import disparity_unit, load_clips, to_unit
+from hero.training.optim import lr_at
+
+if TYPE_CHECKING:
+    from hero.training.toyworld import TrainConfig
+
+log = logging.getLogger("toyworld.dit")
+TASKS = ("prediction", "planning", "reconstruction")
+
+
+@torch.no_grad()
+def encode_latents(cfg: "TrainConfig", model: CogVideoXWorldModel, out: Path, batch: int = 16) -> None:
+    """Encode every rendered clip once with the trained VAE, exactly as the sampler encodes its
+    inputs: RGB, disparity, the first and the last frame alone, and the folded raymaps. The VAE's
+    scaling factor is set so the latents have unit standard deviation."""
+    if out.exists():
+        return
+    clips = load_clips(cfg.workdir / "clips")
+    count, dmax = monitor.rendered_clips(cfg.workdir), float(model.spec.metric_dmax)
+    probe = torch.cat([model.encode_video(to_unit(clips["rgb"][:32])),
+                       model.encode_video(disparity_unit(clips["depth"][:32], dmax))])
+    model.vae.register_to_config(scaling_factor=float(1.0 / (probe / model._vae_scale()).std()))
+    parts: dict[str, list[torch.Tensor]] = {"rgb": [], "disparity": [], "first": [], "last": [], "camera": []}
+    for start in tqdm(range(0, count, batch), desc="encode latents"):
+        rows = slice(start, min(start + batch, count))
+        parts["rgb"].append(model.encode_video(to_unit(clips["rgb"][rows])))
+        parts["disparity"].append(model.encode_video(disparity_unit(clips["depth"][rows], dmax)))
+        parts["first"].append(model.encode_video(to_unit(clips["rgb"][rows, :1])))
+        parts["last"].append(model.encode_video(to_unit(clips["rgb"][rows, -1:])))
+        rays = torch.stack([model.raymap(c, k, dmax) for c, k in zip(clips["c2w"][rows], clips["k"][rows])])
+        parts["camera"].append(fold_raymap(rays, model.temporal))
+    tensors = {name: torch.cat(chunks).contiguous() for name, chunks in parts.items()}
+    save_file(tensors, str(out), metadata={"scaling_factor": str(model.vae.config.scaling_factor)})
+
+
+def training_batch(latents: dict[str, torch.Tensor], rng: np.random.Generator, cfg: "TrainConfig"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mixed-task batch: clean latents (B, T', 56, h, w) and their condition latents."""
+    idx = torch.from_numpy(rng.integers(0, latents["rgb"].shape[0], cfg.dit_batch))
+    x0 = torch.cat([latents["rgb"][idx], latents["disparity"][idx], latents["camera"][idx]], dim=2)
+    tasks = rng.choice(len(TASKS), size=cfg.dit_batch, p=cfg.task_mix)
+    drops = rng.random(cfg.dit_batch) < cfg.cfg_dropout
+    conditions = []
+    for row, task, drop in zip(idx, tasks, drops):
+        task = TASKS[task]
+        one = lambda name: latents[name][row: row + 1]
+        camera = one("camera") if task == "prediction" else None
+        cond = build_condition(task, one("first"), one("last"), one("rgb"), camera, (1, *x0.shape[1:]))
+        if task != "reconstruction" and drop:
+            cond = unconditional(task, cond)
+        conditions.append(cond)
+    return x0, torch.cat(conditions)
+
+
+def channel_weights(camera_weight: float, channels: int) -> torch.Tensor:
+    """Per-latent-channel loss weights: RGB and disparity 1, raymap channels ``camera_weight``."""
+    weights = torch.ones(channels)
+    weights[2 * RGB_CHANNELS:] = camera_weight
+    return weights
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """MSE over (B, T, C, h, w) with per-channel weights, normalised to the unweighted scale."""
+    per_channel = (pred - target).pow(2).mean(dim=(0, 1, 3, 4))
+    return (per_channel * weights).sum() / weights.sum()
+
+
+def train_transformer(cfg: "TrainConfig", model: CogVideoXWorldModel, latents_file: Path) -> None:
+    """Train ``model.transformer`` to ``cfg.dit_steps``; leaves the debiased EMA in its place."""
+    ckpt = cfg.workdir / "dit.safetensors"
+    transformer = model.transformer.train()
+    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.dit_lr, betas=(0.9, 0.99),
+                                  weight_decay=0.01)
+    rng, noise = np.random.default_rng(cfg.seed + 1), torch.Generator().manual_seed(cfg.seed + 1)
+    step = load_checkpoint(ckpt, {"transformer": transformer, "ema": ema}, optimizer, rng, noise)
+    if step >= cfg.dit_steps:
+        model.transformer = debiased_ema(ema, cfg, step)
+        return
+    latents = load_file(str(latents_file))
+    losses = CsvLog(cfg.workdir / "dit_loss.csv", ("loss", "lr"), step)
+    validator = monitor.DitMonitor(cfg, model, step)
+    scheduler = model.scheduler
+    rotary = model._rotary(latents["rgb"].shape[1])
+    text = model.prompt_embeds.expand(cfg.dit_batch, -1, -1)
+    weights = channel_weights(cfg.camera_weight, model.transformer.config.out_channels)
+    bar = tqdm(range(step, cfg.dit_steps), desc="transformer", initial=step, total=cfg.dit_steps)
+    for step in bar:
+        lr = lr_at(step, cfg.dit_lr, cfg.dit_warmup, cfg.dit_steps, cfg.final_lr_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x0, condition = training_batch(latents, rng, cfg)
+        eps = torch.randn(x0.shape, generator=noise)
+        t = torch.from_numpy(rng.integers(0, scheduler.config.num_train_timesteps, cfg.dit_batch))
+        noisy = scheduler.add_noise(x0, eps, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = transformer(hidden_states=torch.cat([noisy, condition], dim=2), encoder_hidden_states=text,
+                               timestep=t, image_rotary_emb=rotary, return_dict=False)[0]
+        loss = weighted_mse(pred.float(), scheduler.get_velocity(x0, eps, t), weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), transformer.parameters()):
+                e.lerp_(p, 1.0 - cfg.ema_decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
+        if done % 20 == 0:
+            losses.write(done, loss=loss.item(), lr=lr)
+        if done % cfg.checkpoint_every == 0 or done == cfg.dit_steps:
+            save_checkpoint(ckpt, done, {"transformer": transformer, "ema": ema}, optimizer, rng, noise)
+        if done % cfg.monitor_every == 0 or done == cfg.dit_steps:
+            validator.validate(done, debiased_ema(ema, cfg, done))
+    model.transformer = debiased_ema(ema, cfg, cfg.dit_steps)
+
+
+def debiased_ema(ema: torch.nn.Module, cfg: "TrainConfig", steps: int) -> torch.nn.Module:
+    """Remove the random initialisation's weight decay**steps from a constant-decay EMA.
+
+    The EMA starts as a copy of the (seeded, so reproducible) initial weights; like Adam's bias
+    correction, (ema - d^n init) / (1 - d^n) is the average of the trained weights alone.
+    """
+    init = build_components(seed=cfg.seed)[1]
+    left = cfg.ema_decay ** steps
+    debiased = copy.deepcopy(ema)
+    with torch.no_grad():
+        for out, start in zip(debiased.parameters(), init.parameters()):
+            out.sub_(start, alpha=left).div_(1.0 - left)
+    return debiased.eval()
