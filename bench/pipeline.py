@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from hero.accelerators import apply_accelerator
-from hero.models import load_model
+from hero.models import load_model, model_spec
 from hero.models.base import RolloutRequest
 from hero.rollout import generate_any_length
 from pipeline.cli import load
@@ -38,7 +38,7 @@ from pipeline.run import connect_ray, open_store, run as run_job
 from pipeline.sink import SUMMARY_FILE
 from pipeline.sink.log import read_records
 from pipeline.sources import read_manifest
-from pipeline.stages.prep import model_geometry, prepare_row
+from pipeline.stages.prep import prepare_row
 from pipeline.storage import Store
 
 STAGES = ("prep_s", "generate_s", "encode_s")
@@ -84,7 +84,7 @@ def milestones(store: Store, metas: list[dict[str, Any]], started_at: float, wal
 
 def job_requests(config: JobConfig) -> list[RolloutRequest]:
     """The requests the job's generate stage builds from its manifest rows (prep included)."""
-    geometry = model_geometry(config.model.name, config.model.options)
+    geometry = model_spec(config.model.name, **config.model.options)
     requests = []
     for entry in read_manifest(config.input, config.sink.storage_options, config.limit):
         if entry.row is None:

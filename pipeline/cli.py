@@ -10,6 +10,8 @@ from typing import Any
 from pipeline.config import (
     DEFAULT_MODEL, DEFAULT_OUTPUT_ROOT, ConfigError, JobConfig, OutputError, build_config, parse_value, resolve,
 )
+from pipeline.redact import guard_streams, redact_text
+from pipeline.sources import InputUnavailable
 
 OVERRIDES = {  # option dest -> config key
     "input": "input", "output": "output", "model": "model.name", "accel": "accel.name", "limit": "limit",
@@ -89,11 +91,15 @@ def check_names(config: JobConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    guard_streams()
     try:
         config = load(argv)
         from pipeline.run import run  # torch, Ray and the models load only once there is work (not for --help)
 
         return run(config)
     except (ConfigError, OutputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
+    except InputUnavailable as exc:
+        print(f"error: {exc}; nothing was planned past it, rerun to resume", file=sys.stderr)
+        return 1

@@ -16,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from pipeline.manifest import SAFE_ID, SAFE_ID_RULE
-from pipeline.storage import is_local_uri, redact
+from pipeline.redact import redact_config
+from pipeline.storage import is_local_uri
 
 DEFAULT_MODEL = "toyworld"  # the embedded default's world model: trained here, shipped in the package
 DEFAULT_OUTPUT_ROOT = "~/hero-rollouts"
@@ -110,6 +111,7 @@ class JobConfig(_Section):
 
     run_id: str | None = None
     input: str | None = None
+    input_allow_empty: bool = Field(False, description="run an input without rows (else exit 2: a wrong prefix?)")
     output: str | None = None
     limit: int | None = Field(None, ge=1)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -135,13 +137,15 @@ class JobConfig(_Section):
 
     def manifest_digest(self) -> str:
         """The digest of the input manifest's content (:func:`pipeline.plan.manifest_digest`),
-        computed once; an unreadable input is a ConfigError naming ``input``."""
+        computed once; an unusable input is a ConfigError naming ``input``, one the store cannot
+        serve now raises :class:`pipeline.sources.InputUnavailable`."""
         if self._manifest_digest is None:
             from pipeline.plan import manifest_digest
+            from pipeline.sources import InputError
 
             try:
                 self._manifest_digest = manifest_digest(self.input, self.sink.storage_options)
-            except FileNotFoundError as exc:
+            except InputError as exc:
                 raise ConfigError("input", str(exc)) from None
         return self._manifest_digest
 
@@ -154,11 +158,11 @@ class JobConfig(_Section):
             for part in key.split("."):
                 node = node[part]
             values[key] = node
-        return values
+        return redact_config(values)  # stored in run.json; a rotated credential is the same run
 
     def public_dict(self) -> dict[str, Any]:
         """The config as written into run.json/summary.json/meta.json, credentials masked."""
-        return redact(self.model_dump(mode="json"))
+        return redact_config(self.model_dump(mode="json"))
 
 
 def resolve(config: JobConfig, inside_ray_job: bool | None = None) -> JobConfig:

@@ -59,6 +59,8 @@ def bad_rows(prefix: str = "bad") -> list[tuple[str, str | None]]:
 
     skewed = np.eye(4)
     skewed[0, 1] = 0.5
+    far = np.eye(4)
+    far[0, 3] = 1e39
     nan_pose = np.eye(4).tolist()
     nan_pose[0][3] = float("nan")
     without_observation = {k: v for k, v in good.items() if k != "observation"}
@@ -70,6 +72,8 @@ def bad_rows(prefix: str = "bad") -> list[tuple[str, str | None]]:
         (variant("nan-pose", trajectory={"c2w": [np.eye(4).tolist(), nan_pose]}), "trajectory.c2w[1][0][3]"),
         (variant("inf-speed", trajectory={"segments": [["forward", 4]], "speed": float("inf")}), "trajectory.speed"),
         (variant("non-rigid", trajectory={"c2w": [np.eye(4).tolist(), skewed.tolist()]}), "trajectory.c2w"),
+        (variant("far-camera", trajectory={"c2w": [np.eye(4).tolist(), far.tolist()]}), "trajectory.c2w"),
+        (variant("short-poses", trajectory={"c2w": [np.eye(4).tolist()] * 3}), "trajectory.c2w"),
         (variant("frames", task="planning", frames=23), "frames"),
         (variant("missing-image", observation={"image": "file:///nonexistent/hero/image.png"}), "observation.image"),
         (variant("escape", id="../../etc/passwd"), "id"),

@@ -2,9 +2,10 @@
 the row and the field, never an exception that stops the run.
 
 A row is one rollout to generate (see docs/manifest.md). Validation here is the part that needs
-no I/O and no model: types, ranges, finite and rigid poses, safe ids. Decoding image/video URIs
-happens in the prep stage and frame counts are checked against the model in the generate stage;
-both report failures with the same :class:`RowError`.
+no I/O and no model: types, ranges, finite, rigid and bounded poses, safe ids, and the inputs its
+task needs (declared once, in :data:`hero.models.base.TASKS`). Decoding image/video URIs and
+frame counts against the model happen in the prep stage, checking outputs in the generate stage;
+all report failures with the same :class:`RowError`.
 """
 
 from __future__ import annotations
@@ -13,17 +14,30 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from hero import geometry
+from hero.models.base import TASKS, TaskName
 from hero.world import MOTIONS, OBJECTS
 
 SCHEMA_VERSION = 1
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,79}")
 SAFE_ID_RULE = "1-80 characters from [A-Za-z0-9_-], starting with a letter or digit (no dots or slashes)"
+MAX_TRANSLATION_M = 1e5
+"""Bound on every coordinate of an explicit camera position (metres). Motion primitives stay within
+it by their own bounds (10 m per frame, 10000 frames); beyond it float32 outputs lose precision
+and products overflow (a camera at 1e39 m puts inf into actions)."""
+INPUT_SOURCES = {
+    "image": ("observation", "an image, a scene or a video (its first frame)"),
+    "goal": ("goal", "a goal image, or a scene with a trajectory (its last frame is the goal)"),
+    "video": ("observation", "a video, or a scene with a trajectory to render one"),
+    "c2w": ("trajectory", "a trajectory (its camera path conditions the model)"),
+}
+"""Each input a task can need (:data:`hero.models.base.TASKS`): the field a row gives it in, and
+how, for the error naming what is missing."""
 
 
 @dataclass
@@ -132,6 +146,11 @@ class TrajectorySpec(_Strict):
         for index in range(poses.shape[0]):
             if not geometry.is_rigid(poses[index : index + 1]):
                 raise ValueError(f"pose {index} is not rigid (rotation must be orthonormal with det +1, last row [0, 0, 0, 1])")
+        farthest = np.abs(poses[:, :3, 3]).max(axis=1)
+        if (farthest > MAX_TRANSLATION_M).any():
+            index = int(np.argmax(farthest))
+            raise ValueError(f"pose {index} is translated by {farthest[index]:.3g} m; every coordinate of a "
+                             f"camera position must be within {MAX_TRANSLATION_M:g} m of the origin")
         return value
 
     @model_validator(mode="after")
@@ -157,7 +176,7 @@ class ManifestRow(_Strict):
     """One rollout to generate. ``frames``/``steps``/``guidance`` of None take the model's defaults."""
 
     id: str
-    task: Literal["prediction", "planning", "reconstruction"] = "prediction"
+    task: TaskName = "prediction"
     observation: Observation
     trajectory: TrajectorySpec | None = None
     goal: Goal | None = None
@@ -211,29 +230,39 @@ class ManifestRow(_Strict):
 
     @model_validator(mode="after")
     def _task_inputs(self) -> "ManifestRow":
-        needs = _missing_inputs(self)
-        if needs:
-            raise ValueError(needs)
+        missing = _missing_input(self)
+        if missing:
+            raise ValueError(missing)
         return self
 
 
-def _missing_inputs(row: ManifestRow) -> str | None:
+def _given_inputs(row: ManifestRow) -> set[str]:
+    """The request inputs a row gives: its observation (a video also gives its first frame as the
+    image), goal and trajectory, plus what a scene renders along the trajectory."""
     obs = row.observation
-    if row.task == "prediction" and row.trajectory is None:
-        return "task 'prediction' needs a trajectory"
-    if row.task == "prediction" and obs.video is not None:
-        return "task 'prediction' starts from a scene or an image, not a video"
-    if row.task == "planning" and row.goal is None and obs.scene is None:
-        return "task 'planning' needs a goal image (or a scene, whose trajectory end is the goal)"
-    if row.task == "planning" and obs.scene is not None and row.trajectory is None:
-        return "task 'planning' on a scene needs a trajectory to place the goal"
-    if row.task == "reconstruction" and obs.image is not None:
-        return "task 'reconstruction' needs a video or a scene with a trajectory"
-    if row.task == "reconstruction" and obs.scene is not None and row.trajectory is None:
-        return "task 'reconstruction' on a scene needs a trajectory to render the input video"
+    given = {"image"} if obs.image is not None or obs.scene is not None else set()
+    if obs.video is not None:
+        given |= {"video", "image"}
+    if obs.scene is not None and row.trajectory is not None:
+        given |= {"goal", "video"}
+    if row.goal is not None:
+        given.add("goal")
+    if row.trajectory is not None:
+        given.add("c2w")
+    return given
+
+
+def _missing_input(row: ManifestRow) -> str | None:
+    """``"<field>: <reason>"`` for the first input the row's task needs that the row does not give."""
+    task = TASKS[row.task]
+    given = _given_inputs(row)
+    for name in task.observations + (("c2w",) if task.follows_camera else ()):
+        if name not in given:
+            field, what = INPUT_SOURCES[name]
+            return f"{field}: task {row.task!r} needs {what}"
     if row.trajectory is not None and row.trajectory.c2w is not None and row.frames is not None:
         if len(row.trajectory.c2w) < row.frames:
-            return f"trajectory has {len(row.trajectory.c2w)} poses, fewer than frames={row.frames}"
+            return f"trajectory.c2w: {len(row.trajectory.c2w)} poses, fewer than frames={row.frames}"
     return None
 
 
@@ -251,18 +280,6 @@ def _field_of(error: dict[str, Any]) -> str:
     return "".join(parts) or "row"
 
 
-def _row_field_of_model_error(error: dict[str, Any]) -> str:
-    """Name the field a model-level (cross-field) error is about."""
-    field = _field_of(error)
-    if field != "row":
-        return field
-    message = error.get("msg", "")
-    for name in ("trajectory", "goal", "observation", "frames"):
-        if name in message:
-            return name
-    return "task" if "task" in message else "row"
-
-
 def validate_row(obj: Any, *, source: str | None = None, line: int | None = None) -> ManifestRow | RowError:
     """Validate one decoded manifest object; return the row, or the first error naming its field."""
     row_id = readable_id(obj)
@@ -273,7 +290,9 @@ def validate_row(obj: Any, *, source: str | None = None, line: int | None = None
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         reason = error["msg"].removeprefix("Value error, ")
-        field = _row_field_of_model_error(error)
+        field = _field_of(error)
+        if field == "row" and error["type"] == "value_error":  # a cross-field rule says "<field>: <reason>"
+            field, _, reason = reason.partition(": ")
         if error["type"] == "missing":
             reason = "required field is missing"
         elif error["type"] == "extra_forbidden":

@@ -25,7 +25,7 @@ from typing import Any
 import fsspec
 
 from pipeline.manifest import RowError, row_digest
-from pipeline.sources import ManifestEntry, manifest_files
+from pipeline.sources import InputUnavailable, ManifestEntry, input_failure, manifest_files
 
 DIGEST_CHUNK = 1 << 20
 
@@ -61,17 +61,19 @@ class Unit:
 
 @dataclass
 class PlanCounts:
-    """How far planning got: rows and units read, units found committed, units queued to do."""
+    """How far planning got: rows and units read, units found committed, units queued to do, and
+    the error records of manifest files skipped or not fully read (:mod:`pipeline.sources`)."""
 
     rows: int = 0
     units: int = 0
     committed: int = 0
     todo: int = 0
     done: bool = False
+    unread: list[dict[str, Any]] = field(default_factory=list)
 
     def line(self) -> str:
-        return (f"{self.rows} rows in {self.units} units; {self.committed} already committed, "
-                f"{self.todo} to do")
+        unread = f"; {len(self.unread)} manifest files skipped or not fully read" if self.unread else ""
+        return f"{self.rows} rows in {self.units} units; {self.committed} already committed, {self.todo} to do{unread}"
 
 
 def plan_units(entries: Iterable[ManifestEntry], rows_per_shard: int) -> Iterator[Unit]:
@@ -119,16 +121,24 @@ def units_to_do(units: Iterable[Unit], committed: Mapping[int, Any], counts: Pla
 
 def manifest_digest(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     """A digest of the manifest's content: each file's name relative to ``uri`` (nothing for a
-    single file) and its bytes (locally) or the store's checksum of them (its ETag)."""
+    single file) and its bytes (locally) or the store's checksum of them (its ETag). Hidden files
+    are left out (no run reads them) and a file that cannot be read counts by its name."""
     options = storage_options or {}
-    files = manifest_files(uri, options)
+    files = manifest_files(uri, options).files
     fs, root = fsspec.core.url_to_fs(uri, **options)
     root = root.rstrip("/")
     hasher = hashlib.sha256()
     for url in files:
         path = fsspec.core.url_to_fs(url, **options)[1]
         name = "" if len(files) == 1 else posixpath.relpath(path, root)
-        hasher.update(f"{name}\0{_content_digest(fs, path)}\n".encode())
+        try:
+            content = _content_digest(fs, path)
+        except Exception as exc:
+            failure = input_failure(url, exc)
+            if isinstance(failure, InputUnavailable):
+                raise failure from None
+            content = "unreadable"  # the run reports the file (pipeline.sources); its name still counts
+        hasher.update(f"{name}\0{content}\n".encode())
     return hasher.hexdigest()[:16]
 
 

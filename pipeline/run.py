@@ -1,6 +1,7 @@
 """The driver: look at the output, plan as the manifest streams, run the Ray Data plan, finalize.
 
     sink.inspect()      what the output holds (read only); a complete, intact run stops here
+    check_input()       the manifest up to its first row: an unusable input stops before any write
     sink.start()        the lease, the run record, the commit log tidied
     plan (a thread)     manifest -> units -> units not committed -> the feed
     Ray Data            read (feed) -> prep -> generate (actor pool) -> encode and write (commits)
@@ -21,15 +22,16 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.faults import FORWARDED_PREFIX
 from pipeline.plan import PlanCounts, PlanMismatch, Unit, plan_units, units_to_do
+from pipeline.redact import redact_text
 from pipeline.sink import LeaseHeld, LeaseLost, RolloutSink, ShardWriter
-from pipeline.sources import read_manifest
+from pipeline.sources import InputError, Manifest, read_manifest
 from pipeline.storage import Store
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -72,10 +74,12 @@ def connect_ray(config: JobConfig) -> None:
 
 def run(config: JobConfig) -> int:
     """Run a resolved job; return the exit status (0 complete, 1 incomplete or another driver is
-    writing the output). Bad configuration and unusable outputs raise before any work."""
+    writing the output). Bad configuration, unusable inputs and outputs raise before any write, and
+    so does an input the store cannot serve now (:class:`pipeline.sources.InputUnavailable`)."""
     store = open_store(config)
-    print(f"hero-rollouts: run {config.run_id}\n  input  {config.input}\n  output {store.url()}\n"
-          f"  model  {config.model.name} (accelerator: {config.accel.name})", flush=True)
+    print(f"hero-rollouts: run {config.run_id}\n  input  {redact_text(config.input)}\n"
+          f"  output {redact_text(store.url())}\n  model  {config.model.name} (accelerator: {config.accel.name})",
+          flush=True)
     sink = RolloutSink(store, config)
     sink.inspect()
     finished = sink.up_to_date()
@@ -84,6 +88,7 @@ def run(config: JobConfig) -> int:
         print(f"  plan   {counts.line()} (complete and intact: nothing written)", flush=True)
         print_summary(finished)
         return 0
+    check_input(config)
     try:
         writer = sink.start()
         counts, run_error = generate(config, sink, writer)
@@ -103,8 +108,7 @@ def generate(config: JobConfig, sink: RolloutSink, writer: ShardWriter) -> tuple
     if sink.manifest_changed():
         check_manifest(config, sink)
     counts = PlanCounts()
-    entries = read_manifest(config.input, config.sink.storage_options, config.limit)
-    todo = units_to_do(plan_units(entries, config.sink.rows_per_shard), sink.state.units, counts)
+    todo = planned_units(config, sink.state.units, counts)
     try:
         first = next(todo, None)
     except PlanMismatch as exc:
@@ -115,7 +119,7 @@ def generate(config: JobConfig, sink: RolloutSink, writer: ShardWriter) -> tuple
     connect_ray(config)
     import ray
 
-    from pipeline.stages import build_dataset, readers, units_per_call
+    from pipeline.stages import build_dataset, units_per_call
     from pipeline.stages.feed import start_feed
 
     feed = start_feed(FEED_BLOCKS_PER_ACTOR * config.generate.actors)
@@ -143,12 +147,34 @@ def generate(config: JobConfig, sink: RolloutSink, writer: ShardWriter) -> tuple
     return counts, run_error or planner.error
 
 
+def open_manifest(config: JobConfig) -> Manifest:
+    return read_manifest(config.input, config.sink.storage_options, config.limit, config.input_allow_empty)
+
+
+def check_input(config: JobConfig) -> None:
+    """Read the manifest up to its first row before anything is written, so that an input without
+    rows (a ConfigError naming ``input``, unless ``input_allow_empty``) or one the store cannot
+    serve now leaves no trace in the output."""
+    try:
+        next(iter(open_manifest(config)), None)
+    except InputError as exc:
+        raise ConfigError("input", str(exc)) from None
+
+
+def planned_units(config: JobConfig, committed: Mapping[int, Any], counts: PlanCounts) -> Iterator[Unit]:
+    """The manifest's units without a commit record in ``committed``, as the manifest streams,
+    counted into ``counts``; once the manifest is read, ``counts.unread`` holds the error records
+    of its files that were skipped or not fully read."""
+    manifest = open_manifest(config)
+    yield from units_to_do(plan_units(manifest, config.sink.rows_per_shard), committed, counts)
+    counts.unread = [problem.to_dict() for problem in manifest.problems]
+
+
 def check_manifest(config: JobConfig, sink: RolloutSink) -> None:
     """Before any work on a changed manifest: every committed unit must match it (a ConfigError
     naming ``input`` otherwise); then the run record takes the new manifest."""
-    entries = read_manifest(config.input, config.sink.storage_options, config.limit)
     try:
-        for _ in units_to_do(plan_units(entries, config.sink.rows_per_shard), sink.state.units, PlanCounts()):
+        for _ in planned_units(config, sink.state.units, PlanCounts()):
             pass
     except PlanMismatch as exc:
         raise ConfigError("input", f"{exc}; the manifest changed since output {sink.store.url()} was written; "

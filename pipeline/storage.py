@@ -34,27 +34,17 @@ logger = logging.getLogger(__name__)
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                     FileExistsError, ValueError, TypeError, KeyError)
 TRANSIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs")
-SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+PERMANENT_NAMES = ("ParamValidationError", "NoCredentialsError", "PartialCredentialsError")  # botocore's, by name
 SINGLE_PUT_LIMIT = 5 * 2**30  # S3's limit for one PUT; shards are always one PUT
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether an object-store error is worth retrying (network trouble, throttling, 5xx)."""
-    if isinstance(exc, PERMANENT_ERRORS):
+    if isinstance(exc, PERMANENT_ERRORS) or type(exc).__name__ in PERMANENT_NAMES:
         return False
     if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
         return True
     return type(exc).__module__.split(".")[0] in TRANSIENT_MODULES
-
-
-def redact(value: Any) -> Any:
-    """A copy of a config/options tree with anything that looks like a credential masked."""
-    if isinstance(value, dict):
-        return {k: "***" if any(w in str(k).lower() for w in SECRET_WORDS) and v else redact(v)
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
 
 
 def is_local_uri(uri: str) -> bool:

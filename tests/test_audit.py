@@ -9,11 +9,12 @@ import json
 import numpy as np
 import pytest
 
+from hero.models import model_spec
 from pipeline.audit import audit_summary, is_audited
 from pipeline.config import ConfigError, build_config
 from pipeline.manifest import ManifestRow
 from pipeline.stages.generate import GenerateRollouts
-from pipeline.stages.prep import model_geometry, prepare_batch
+from pipeline.stages.prep import prepare_batch
 from pipeline.stages.rows import columns, rows
 
 ROW = {"id": "audit-0", "task": "prediction", "observation": {"scene": {"seed": 3, "objects": 4}},
@@ -37,10 +38,10 @@ def test_audit_fraction_is_validated():
 
 def generate(accel: str, fraction: float) -> dict:
     """One row through prep and a generate actor (tiny random model) in this process; its meta."""
-    geo = model_geometry("tiny", {})
+    spec = model_spec("tiny")
     item = {"unit": 0, "position": 0, "id": ROW["id"], "row": ManifestRow.model_validate(ROW).model_dump_json(),
             "error": ""}
-    prepared = prepare_batch(columns([item], ("unit", "position", "id", "row", "error")), geo=geo, storage_options={})
+    prepared = prepare_batch(columns([item], ("unit", "position", "id", "row", "error")), spec=spec, storage_options={})
     actor = GenerateRollouts("tiny", {}, accel, {}, steps=None, audit={"fraction": fraction, "seed": 0})
     [out] = rows(actor(prepared))
     assert not out["error"], out["error"]

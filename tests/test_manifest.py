@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pipeline.examples import bad_rows, example_rows, write_manifest
 from pipeline.manifest import SAFE_ID, ManifestRow, RowError, parse_line, validate_row
 from pipeline.plan import plan_units
-from pipeline.sources import default_manifest, manifest_files, read_manifest
+from pipeline.sources import InputError, default_manifest, manifest_files, read_manifest
 
 
 def test_example_rows_are_valid_and_poses_are_rigid():
@@ -26,12 +26,13 @@ def test_example_rows_are_valid_and_poses_are_rigid():
 
 
 BAD = [(line, field) for line, field in bad_rows()[1:-1]]  # the pair sharing an id is checked below
+FOUND_IN_PREP = ("bad-frames", "bad-missing-image", "bad-short-poses")  # prep knows the model, reads URIs
 
 
 @pytest.mark.parametrize("line,field", BAD, ids=[f for _, f in BAD])
 def test_bad_row_names_its_field(line, field):
     result = parse_line(line, source="m.jsonl", line=7)
-    if field in ("frames", "observation.image"):  # found later: by prep, which knows the model and reads URIs
+    if any(f'"id": "{row_id}"' in line for row_id in FOUND_IN_PREP):
         assert isinstance(result, ManifestRow)
         return
     assert isinstance(result, RowError), result
@@ -45,6 +46,34 @@ def test_error_names_row_id_when_readable():
     assert error.id == "abc-1" and error.field == "observation"
     malformed = parse_line('{"id": "abc-2", "task": ', source="m", line=2)
     assert malformed.id == "abc-2" and malformed.field == "row"
+
+
+SCENE, IMAGE, VIDEO = {"scene": {"seed": 1}}, {"image": "s3://b/x.png"}, {"video": "s3://b/x.mp4"}
+PATH = {"segments": [["forward", 4]]}
+
+
+@pytest.mark.parametrize("task,observation,given,field", [
+    ("prediction", IMAGE, {}, "trajectory"),
+    ("prediction", SCENE, {}, "trajectory"),
+    ("planning", IMAGE, {"trajectory": PATH}, "goal"),
+    ("planning", SCENE, {}, "goal"),
+    ("reconstruction", IMAGE, {"trajectory": PATH}, "observation"),
+    ("reconstruction", SCENE, {}, "observation"),
+])
+def test_a_row_without_an_input_its_task_needs_names_where_it_belongs(task, observation, given, field):
+    result = validate_row({"id": "r", "task": task, "observation": observation, **given})
+    assert isinstance(result, RowError) and result.field == field and f"task {task!r} needs" in result.reason
+
+
+@pytest.mark.parametrize("task,observation,given", [
+    ("prediction", VIDEO, {"trajectory": PATH}),  # a video gives its first frame as the image
+    ("planning", VIDEO, {"goal": {"image": "s3://b/g.png"}}),
+    ("planning", SCENE, {"trajectory": PATH}),
+    ("reconstruction", SCENE, {"trajectory": PATH}),
+    ("reconstruction", VIDEO, {}),
+])
+def test_rows_giving_what_their_task_needs_are_valid(task, observation, given):
+    assert isinstance(validate_row({"id": "r", "task": task, "observation": observation, **given}), ManifestRow)
 
 
 @pytest.mark.parametrize("bad_id", ["../x", "a/b", "a.b", "", ".hidden", "x" * 81, "a\nb", "a b", "é"])
@@ -132,14 +161,14 @@ def test_prefix_of_shards_reads_in_name_order_with_limit(tmp_path):
     write_manifest(rows[3:], str(tmp_path / "part-001.jsonl"))
     write_manifest(rows[:3], str(tmp_path / "part-000.parquet"))
     (tmp_path / "notes.txt").write_text("not a manifest")
-    assert [p.rsplit("/", 1)[1] for p in manifest_files(str(tmp_path))] == ["part-000.parquet", "part-001.jsonl"]
+    assert [p.rsplit("/", 1)[1] for p in manifest_files(str(tmp_path)).files] == ["part-000.parquet", "part-001.jsonl"]
     ids = [e.row.id for e in read_manifest(str(tmp_path) + "/", limit=5)]
     assert ids == [r["id"] for r in rows[:5]]
     assert [e.position for e in read_manifest(str(tmp_path / "part-"))] == list(range(6))
 
 
 def test_missing_manifest_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputError, match="no manifest"):
         list(read_manifest(str(tmp_path / "nothing-here")))
 
 

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-from hero.models.base import TASKS, Rollout, RolloutRequest, WorldModel
-
-if TYPE_CHECKING:
-    from hero.models.cogvideox_world import ModelSpec
+from hero.models.base import TASKS, ModelSpec, Rollout, RolloutRequest, WorldModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,4 +73,4 @@ def load_model(name: str, **options) -> WorldModel:
     return _registered(name).load(**options)
 
 
-__all__ = ["MODELS", "TASKS", "RegisteredModel", "Rollout", "RolloutRequest", "WorldModel", "load_model", "model_spec"]
+__all__ = ["MODELS", "TASKS", "ModelSpec", "RegisteredModel", "Rollout", "RolloutRequest", "WorldModel", "load_model", "model_spec"]

@@ -21,8 +21,8 @@ from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTr
 from safetensors.torch import load_file, save_file
 
 from hero import geometry
-from hero.models.base import Rollout, RolloutRequest
-from hero.models.cogvideox_world import RGB_CHANNELS, CogVideoXWorldModel, ModelSpec
+from hero.models.base import OBSERVED_AT, TASKS, ModelSpec, Rollout, RolloutRequest
+from hero.models.cogvideox_world import RGB_CHANNELS, CogVideoXWorldModel
 
 AETHER_REPO = "AetherWorldModel/AetherV1"
 COGVIDEOX_BASE = "THUDM/CogVideoX-5b-I2V"
@@ -82,8 +82,9 @@ class AetherWorldModel(CogVideoXWorldModel):
         return super().generate([self.fit_request(r) for r in requests])
 
     def fit_request(self, request: RolloutRequest) -> RolloutRequest:
-        """Check lengths, centre-crop and resize the task's observations to the model's resolution
-        (K follows the first: the video, or the image) and re-base the camera path on frame 0."""
+        """Check lengths, centre-crop and resize the task's observations (:data:`TASKS`) to the
+        model's resolution (K follows the first: the video, or the image) and re-base the camera
+        path on frame 0."""
         self._check(request)
         frames = request.frames
         for name in ("video", "c2w", "k"):
@@ -97,12 +98,11 @@ class AetherWorldModel(CogVideoXWorldModel):
             if not geometry.is_rigid(c2w):
                 raise ValueError(f"c2w: request {request.id!r} has a pose that is not rigid")
             changes["c2w"] = geometry.relative_to(c2w, 0)
-        observed = {"reconstruction": ("video",), "prediction": ("image",),
-                    "planning": ("image", "goal")}[request.task]
+        observed = TASKS[request.task].observations
         for name in observed:
             value = getattr(request, name)
             first = name == observed[0]
-            value = value[:frames] if name == "video" else value
+            value = value[:frames] if OBSERVED_AT[name] == "all" else value
             changes[name], fitted_k = center_crop_resize(value, self.height, self.width,
                                                          changes["k"] if first else None)
             if first:

@@ -3,15 +3,14 @@
 Latent packing (Aether): per latent frame 56 channels = 16 RGB + 16 disparity (the same VAE) + 24
 raymap (6-channel raymaps of 4 frames folded into channels); the condition adds 16 image + 24 action
 raymap channels, so the transformer is 96 in / 56 out. Disparity enters as sqrt(disparity / dmax)
-mapped to [-1, 1] and replicated over RGB. Tasks: ``prediction`` (image + camera path),
-``planning`` (image + goal image), ``reconstruction`` (video in).
+mapped to [-1, 1] and replicated over RGB. The tasks and the inputs each one is conditioned on
+are :data:`hero.models.base.TASKS`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,40 +23,10 @@ from diffusers import (
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
 from hero import geometry
-from hero.models.base import TASKS, Rollout, RolloutRequest, pose_deltas
+from hero.models.base import OBSERVED_AT, TASKS, ModelSpec, Rollout, RolloutRequest, pose_deltas
 
 RGB_CHANNELS = 16
 RAYMAP_CHANNELS = 6
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything about a checkpoint that is not a weight: resolution, tasks' defaults, depth units.
-
-    ``metric_dmax`` fixes the disparity normalisation (toyworld: metric depth and poses); None
-    means Aether's per-clip normalisation, so depth and camera translation are relative.
-    ``fps`` is the frame rate the checkpoint was trained at; a request may ask for one of
-    ``fps_options`` (``extra["fps"]``), which stretches the temporal rotary positions by
-    ``fps / requested``. ``guidance_ramp`` picks the dynamic-guidance formula (:func:`guidance_at`).
-    """
-
-    name: str
-    revision: str
-    height: int
-    width: int
-    frame_options: tuple[int, ...]
-    fov_x_deg: float = 60.0
-    fps: int = 12
-    fps_options: tuple[int, ...] = ()
-    guidance_ramp: str = "normalised"
-    metric_dmax: float | None = None
-    far: float = 60.0
-    default_steps: dict[str, int] = field(
-        default_factory=lambda: {"prediction": 50, "planning": 50, "reconstruction": 4})
-    default_guidance: dict[str, float] = field(
-        default_factory=lambda: {"prediction": 3.0, "planning": 3.0, "reconstruction": 1.0})
-    dynamic_guidance: dict[str, bool] = field(
-        default_factory=lambda: {"prediction": True, "planning": False, "reconstruction": False})
 
 
 def latent_frames(frames: int, temporal: int) -> int:
@@ -90,16 +59,18 @@ def build_condition(task: str, image: torch.Tensor | None, goal: torch.Tensor | 
                     shape: tuple[int, ...]) -> torch.Tensor:
     """Condition latents (B, T', 16 + 24, h, w) for ``task`` from encoded inputs (B, t, 16, h, w).
 
-    ``shape`` is the (B, T', C, h, w) of the clip's latents; absent parts are zeros.
+    Each observation the task declares (:data:`~hero.models.base.TASKS`) fills the latent frames
+    it shows (:data:`~hero.models.base.OBSERVED_AT`: the first, the last or all); ``shape`` is
+    the (B, T', C, h, w) of the clip's latents; absent parts are zeros.
     """
     batch, lat, _, h, w = shape
+    encoded = {"image": image, "goal": goal, "video": video}
     visual = torch.zeros(batch, lat, RGB_CHANNELS, h, w, dtype=torch.float32)
-    if task == "reconstruction":
-        visual = video
-    else:
-        visual[:, : image.shape[1]] = image
-        if task == "planning":
-            visual[:, -goal.shape[1]:] = goal
+    for name in TASKS[task].observations:
+        latents = encoded[name]
+        frames = {"first": slice(0, latents.shape[1]), "last": slice(lat - latents.shape[1], lat),
+                  "all": slice(0, lat)}[OBSERVED_AT[name]]
+        visual[:, frames] = latents.float()
     if camera is None:
         camera = torch.zeros(batch, lat, shape[2] - 2 * RGB_CHANNELS, h, w)
     return torch.cat([visual.to(camera.dtype), camera], dim=2)
@@ -224,18 +195,19 @@ class CogVideoXWorldModel:
 
     # --------------------------------------------------------------- generation
     def generate(self, requests: list[RolloutRequest]) -> list[Rollout]:
-        """Generate every request; requests that share task, frames, steps and guidance are batched."""
+        """Generate every request; requests that share task, frames, steps, guidance, fps and
+        camera conditioning (whether a commanded path conditions them) are batched."""
         results: dict[int, Rollout] = {}
         groups: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
             self._check(request)
             key = (request.task, request.frames, self._steps(request), self._guidance(request),
-                   self._fps(request))
+                   self._fps(request), self._follows_camera(request))
             groups.setdefault(key, []).append(i)
-        for (task, frames, steps, guidance, fps), members in groups.items():
+        for (task, frames, steps, guidance, fps, camera), members in groups.items():
             batch = [requests[i] for i in members]
             for i, rollout in zip(members, self._generate_batch(batch, task, frames, steps, guidance,
-                                                                fps)):
+                                                                fps, camera)):
                 results[i] = rollout
         return [results[i] for i in range(len(requests))]
 
@@ -249,42 +221,46 @@ class CogVideoXWorldModel:
     def _fps(self, request: RolloutRequest) -> int:
         return int(request.extra.get("fps", self.spec.fps))
 
+    @staticmethod
+    def _follows_camera(request: RolloutRequest) -> bool:
+        """Whether the request's commanded path conditions the model (its task follows the camera
+        and it has one); a batch never mixes requests that differ here."""
+        return TASKS[request.task].follows_camera and request.c2w is not None
+
     def _check(self, request: RolloutRequest) -> None:
         if request.task not in TASKS:
-            raise ValueError(f"task: {request.task!r} is not one of {TASKS}")
+            raise ValueError(f"task: {request.task!r} is not one of {tuple(TASKS)}")
         if request.frames not in self.frame_options:
             raise ValueError(f"frames: {self.name} takes {self.frame_options}, got {request.frames}")
         fps_options = self.spec.fps_options or (self.spec.fps,)
         if self._fps(request) not in fps_options:
             raise ValueError(f"extra.fps: {self.name} takes {fps_options}, got {self._fps(request)} "
                              f"(request {request.id!r})")
-        needed = {"prediction": ("image",), "planning": ("image", "goal"),
-                  "reconstruction": ("video",)}[request.task]
-        for name in needed:
+        for name in TASKS[request.task].observations:
             if getattr(request, name) is None:
                 raise ValueError(f"{name}: required for task {request.task!r}")
 
-    def _inputs(self, requests: list[RolloutRequest], task: str, frames: int
-                ) -> tuple[torch.Tensor, list[np.ndarray], list[np.ndarray]]:
-        """Condition latents for a batch, with each request's camera path and intrinsics."""
+    def _inputs(self, requests: list[RolloutRequest], task: str, frames: int, camera: bool
+                ) -> tuple[torch.Tensor, list[np.ndarray | None], list[np.ndarray]]:
+        """Condition latents for a batch (the task's observations, and the commanded paths when
+        ``camera``), with each request's commanded path (None without one) and intrinsics."""
         lat = latent_frames(frames, self.temporal)
         h, w = self.height // self.spatial, self.width // self.spatial
         shape = (len(requests), lat, 56, h, w)
-        as_video = lambda images: torch.from_numpy(np.stack(images)).float().div(127.5).sub(1).permute(0, 1, 4, 2, 3)
-        image = goal = video = camera = None
-        if task == "reconstruction":
-            video = self.encode_video(as_video([r.video[:frames] for r in requests]))
-        else:
-            image = self.encode_video(as_video([r.image[None] for r in requests]))
-        if task == "planning":
-            goal = self.encode_video(as_video([r.goal[None] for r in requests]))
+        as_video = lambda clips: torch.from_numpy(np.stack(clips)).float().div(127.5).sub(1).permute(0, 1, 4, 2, 3)
+        clip = lambda name, value: value[:frames] if OBSERVED_AT[name] == "all" else value[None]
+        encoded = {name: self.encode_video(as_video([clip(name, getattr(r, name)) for r in requests]))
+                   for name in TASKS[task].observations}
         ks = [r.k[:frames] if r.k is not None else self.default_k(frames) for r in requests]
-        poses = [r.c2w[:frames] if r.c2w is not None else None for r in requests]
-        if task == "prediction" and all(p is not None for p in poses):
+        poses = [r.c2w[:frames] if camera else None for r in requests]
+        rays = None
+        if camera:
             dmax = self.spec.metric_dmax or 1.0
-            rays = torch.stack([self.raymap(p, k, dmax) for p, k in zip(poses, ks)])
-            camera = fold_raymap(rays, self.temporal)
-        return build_condition(task, image, goal, video, camera, shape), poses, ks
+            rays = fold_raymap(torch.stack([self.raymap(p, k, dmax) for p, k in zip(poses, ks)]),
+                               self.temporal)
+        condition = build_condition(task, encoded.get("image"), encoded.get("goal"),
+                                    encoded.get("video"), rays, shape)
+        return condition, poses, ks
 
     def _rotary(self, lat: int, fps: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         config = self.transformer.config
@@ -345,9 +321,9 @@ class CogVideoXWorldModel:
         return latents.float()
 
     def _generate_batch(self, requests: list[RolloutRequest], task: str, frames: int, steps: int,
-                        guidance: float, fps: int) -> list[Rollout]:
+                        guidance: float, fps: int, camera: bool) -> list[Rollout]:
         started = time.perf_counter()
-        condition, poses, ks = self._inputs(requests, task, frames)
+        condition, poses, ks = self._inputs(requests, task, frames, camera)
         latents = self.denoise(condition, task, steps, guidance, [r.seed for r in requests], fps)
         sampled = time.perf_counter()
         rgb = self.decode_video(latents[:, :, :RGB_CHANNELS])[:, :frames]

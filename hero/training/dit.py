@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from hero.models import base
 from hero.models.cogvideox_world import (
     RGB_CHANNELS,
     CogVideoXWorldModel,
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from hero.training.toyworld import TrainConfig
 
 log = logging.getLogger("toyworld.dit")
-TASKS = ("prediction", "planning", "reconstruction")
+TASKS = tuple(base.TASKS)  # the order of TrainConfig.task_mix
 
 
 @torch.no_grad()

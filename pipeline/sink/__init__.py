@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import faults
 from pipeline.config import ConfigError, OutputError
+from pipeline.redact import redact, redact_text
 from pipeline.sink.layout import (
     COMMITS_DIR, ERRORS_FILE, INDEX_FILE, LAYOUT, PREVIEW_FILES, RUN_FILE, SHARDS_DIR, SUMMARY_FILE, Inventory,
     marker_path, shard_name_pattern, take_inventory,
@@ -61,8 +62,8 @@ class ShardWriter:
             shard = write_shard(self.store, self.run_id, unit, samples) if samples else None
             faults.crash_point("worker_after_shard")
             stats = unit_stats(metas, time.perf_counter() - started, shard.checksum_failures if shard else 0)
-            record = commit_record(self.run_id, unit, self.epoch, plan, [key for key, _ in samples], shard, errors,
-                                   stats, node)
+            record = redact(commit_record(self.run_id, unit, self.epoch, plan, [key for key, _ in samples], shard,
+                                          errors, stats, node))  # row errors may quote a presigned URL
             if not self.store.create(marker_path(unit, self.epoch), record_line(record)):
                 if shard:  # an earlier attempt of this task committed the unit: keep its shard, drop ours
                     self.store.delete(shard.path)
@@ -71,7 +72,7 @@ class ShardWriter:
             return {"record": record}
         except Exception as exc:
             return {"error": {"id": None, "unit": unit, "field": "shard", "stage": "commit",
-                              "reason": f"{type(exc).__name__}: {exc}", "source": None, "line": None}}
+                              "reason": redact_text(f"{type(exc).__name__}: {exc}"), "source": None, "line": None}}
 
 
 def write_committed_run(store: Store, run_id: str, units: Iterable[list[Sample]]) -> CommitState:
@@ -264,7 +265,7 @@ class RolloutSink:
         (only while this driver still holds the lease); return the summary."""
         self.compactor.flush()
         self.lease.check()
-        errors = collect_errors(self.state, self.failed)
+        errors = collect_errors(self.state, plan.unread + self.failed)
         this_run = dict(self.this_run, wall_s=time.time() - self.started,
                         transient_errors_retried=self.store.transient_errors)
         summary = build_summary(self._identity(), plan, self.state, errors, self.failed, run_error,

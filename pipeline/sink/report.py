@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from pipeline.plan import PlanCounts
+from pipeline.redact import redact
 from pipeline.samples import decode_sample
 from pipeline.sink.layout import PREVIEW_FILES
 from pipeline.sink.log import STAGE_SECONDS, CommitState
@@ -28,10 +29,10 @@ def build_index(run_id: str, state: CommitState) -> dict[str, Any]:
     return {"__kind__": INDEX_KIND, "wids_version": 1, "name": run_id, "shardlist": shards}
 
 
-def collect_errors(state: CommitState, failed: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every failure the dataset carries: the committed units' row errors in unit order, then the
-    units that could not commit in this run."""
-    return [error for unit in sorted(state.errors) for error in state.errors[unit]] + failed
+def collect_errors(state: CommitState, run_errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every failure the dataset carries: the committed units' row errors in unit order, then this
+    run's own (manifest files skipped or not fully read, units that could not commit)."""
+    return [error for unit in sorted(state.errors) for error in state.errors[unit]] + run_errors
 
 
 def dataset_totals(state: CommitState) -> dict[str, Any]:
@@ -47,10 +48,11 @@ def build_summary(identity: dict[str, Any], plan: PlanCounts, state: CommitState
                   failed: list[dict[str, Any]], run_error: str | None, this_run: dict[str, Any],
                   runs: list[dict[str, Any]]) -> dict[str, Any]:
     """summary.json: what the dataset holds, what failed and why, this run's figures and those of
-    every run that generated part of it (``runs``, oldest first)."""
+    every run that generated part of it (``runs``, oldest first); credentials masked, as it is
+    printed and stored."""
     wall = max(this_run["wall_s"], 1e-9)
     this_run = dict(this_run, rollouts_per_min=60 * this_run["rollouts"] / wall, frames_per_s=this_run["frames"] / wall)
-    return {
+    return redact({
         **identity, **dataset_totals(state),
         "complete": plan.done and plan.units == len(state.units) and not failed and run_error is None,
         "manifest_rows": plan.rows,
@@ -59,7 +61,7 @@ def build_summary(identity: dict[str, Any], plan: PlanCounts, state: CommitState
         "failures_by_field": dict(Counter(e.get("field") for e in errors)),
         "run_error": run_error, "this_run": this_run,
         "runs": runs + [this_run] if this_run["units_committed"] else runs,
-    }
+    })
 
 
 def write_preview(store: Store, state: CommitState) -> str | None:

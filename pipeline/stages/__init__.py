@@ -46,9 +46,9 @@ def build_dataset(config: "JobConfig", feed: Any, writer: "ShardWriter"):
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
+    from hero.models import model_spec
     from pipeline.stages.encode import encode_and_write
     from pipeline.stages.feed import PlannedUnits
-    from pipeline.stages.prep import model_geometry
     from pipeline.stages.units import GenerateUnits, prepare_units
 
     context = ray.data.DataContext.get_current()
@@ -60,7 +60,7 @@ def build_dataset(config: "JobConfig", feed: Any, writer: "ShardWriter"):
         ray.data.read_datasource(PlannedUnits(feed, sources), override_num_blocks=sources, num_cpus=READER_CPUS)
         .map_batches(prepare_units, batch_size=1, num_cpus=config.ray.prep_num_cpus,
                      compute=TaskPoolStrategy(size=PREP_TASKS_PER_ACTOR * gen.actors),
-                     fn_kwargs={"geo": model_geometry(config.model.name, config.model.options),
+                     fn_kwargs={"spec": model_spec(config.model.name, **config.model.options),
                                 "storage_options": config.sink.storage_options})
         .map_batches(GenerateUnits, batch_size=units_per_call(config), compute=ActorPoolStrategy(size=gen.actors),
                      num_gpus=gen.num_gpus, num_cpus=gen.num_cpus,

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from hero.models.base import Rollout
+from pipeline.redact import redact
 from pipeline.samples import encode_sample
 from pipeline.sink import ShardWriter
 from pipeline.stages.rows import columns, error_json, rows, unpack
@@ -52,6 +53,7 @@ def _encode(item: dict[str, Any], run_id: str, model: str) -> dict[str, bytes]:
     meta.update(id=row["id"], key=row["id"], run_id=run_id, task=row["task"], seed=row["seed"],
                 observation=row["observation"], trajectory=row.get("trajectory"))
     meta.setdefault("model", model)
+    meta = redact(meta)  # the observation's URIs, as the source reference, never a presigned token
     rollout = Rollout(rgb=arrays["rgb"], depth=arrays["depth"], depth_is_metric=bool(arrays["depth_is_metric"]),
                       k=arrays["k"], c2w=arrays["c2w"], actions=arrays["actions"], meta=meta)
     return encode_sample(rollout, meta)

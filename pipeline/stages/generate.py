@@ -1,5 +1,6 @@
 """Generate stage (an actor pool): each actor owns a world model and its accelerator and turns
-batches of prepared rows into rollouts; a failing batch is retried row by row."""
+batches of prepared rows into rollouts; a failing batch is retried row by row, and every rollout
+is checked (:func:`hero.models.base.check_rollout`) before it may travel on to be stored."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from hero.models.base import Rollout, RolloutRequest
+from hero.models.base import Rollout, RolloutRequest, check_rollout
 from hero.rollout import generate_any_length
 from pipeline import faults
 from pipeline.audit import drift, is_audited
@@ -89,6 +90,7 @@ class GenerateRollouts:
         except Exception:
             rollouts = [self._generate_one(request, item) for request, item in zip(requests, items)]
         seconds = (time.perf_counter() - started) / len(items)
+        rollouts = [_checked(r, request, item) for r, request, item in zip(rollouts, requests, items)]
         stats = self._accel_stats()
         done = [r for r in rollouts if r is not None]
         self.metrics.record(done, len(items) - len(done), seconds, stats)
@@ -155,6 +157,19 @@ class GenerateRollouts:
 
     def _accel_stats(self) -> Any:
         return self.accelerator.stats()
+
+
+def _checked(rollout: Rollout | None, request: RolloutRequest, item: dict[str, Any]) -> Rollout | None:
+    """The rollout if it may be stored; else None, with the item's error naming the field at fault."""
+    if rollout is None:
+        return None
+    try:
+        check_rollout(rollout, request.frames)
+    except ValueError as exc:
+        field, _, reason = str(exc).partition(": ")
+        item["error"] = error_json(item["id"], field, reason, "validate")
+        return None
+    return rollout
 
 
 def _has_cuda() -> bool:

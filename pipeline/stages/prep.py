@@ -1,8 +1,8 @@
 """CPU prep stage (Ray tasks): a validated manifest row in, the model's inputs at its resolution out.
 
 Images and videos are read through fsspec and fitted to the model; procedural scenes are rendered
-(only the frames the task consumes). The driver plans with the model's :class:`Geometry`, read
-from the model registry without loading weights.
+(only the frames the task's observations show, :data:`hero.models.base.TASKS`). The driver passes
+the model's :class:`~hero.models.base.ModelSpec`, read from the model registry without weights.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -19,27 +18,9 @@ import numpy as np
 from PIL import Image
 
 from hero import geometry, world
+from hero.models.base import OBSERVED_AT, TASKS, ModelSpec, observed_frames
 from pipeline.manifest import ManifestRow
 from pipeline.stages.rows import ROW_COLUMNS, RowFailure, columns, error_json, pack, rows
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What prep needs to know about the model: its resolution, frame counts and default field of view."""
-
-    name: str
-    height: int
-    width: int
-    frame_options: tuple[int, ...]
-    fov_x_deg: float
-
-
-def model_geometry(name: str, options: dict[str, Any]) -> Geometry:
-    """The model's geometry, from its spec in the model registry: the driver never loads weights."""
-    from hero.models import model_spec
-
-    spec = model_spec(name, **options)
-    return Geometry(spec.name, spec.height, spec.width, tuple(spec.frame_options), float(spec.fov_x_deg))
 
 
 def load_image(uri: str, field: str, storage_options: dict[str, Any]) -> np.ndarray:
@@ -93,46 +74,52 @@ def fit(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(cropped.resize((width, height), Image.Resampling.BICUBIC))
 
 
-def prepare_row(row: ManifestRow, geo: Geometry, storage_options: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Decode or render a row's inputs at the model's resolution: image/goal/video, c2w and K."""
-    frames = row.frames or geo.frame_options[0]
-    if frames not in geo.frame_options and (row.task != "prediction" or frames < min(geo.frame_options)):
-        raise RowFailure("frames", f"model {geo.name} takes frames in {geo.frame_options} for {row.task} "
+def prepare_row(row: ManifestRow, spec: ModelSpec, storage_options: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Decode or render the inputs the row's task needs at the model's resolution: image/goal/video,
+    c2w and K for ``frames`` frames (the row's, else the model's clip length)."""
+    frames = row.frames or spec.frame_options[0]
+    if frames not in spec.frame_options and (row.task != "prediction" or frames < min(spec.frame_options)):
+        raise RowFailure("frames", f"model {spec.name} takes frames in {spec.frame_options} for {row.task} "
                                    f"(prediction chains chunks for more), got {frames}")
-    k = geometry.intrinsics(geo.height, geo.width, row.fov_deg or geo.fov_x_deg, frames)
-    c2w = row.trajectory.poses(frames) if row.trajectory is not None else np.tile(np.eye(4), (frames, 1, 1))
+    trajectory = row.trajectory
+    if trajectory is not None and trajectory.c2w is not None and len(trajectory.c2w) < frames:
+        raise RowFailure("trajectory.c2w", f"{len(trajectory.c2w)} poses for a {frames}-frame rollout (without "
+                                           f"'frames' a row takes model {spec.name}'s clip length)")
+    k = geometry.intrinsics(spec.height, spec.width, row.fov_deg or spec.fov_x_deg, frames)
+    c2w = trajectory.poses(frames) if trajectory is not None else np.tile(np.eye(4), (frames, 1, 1))
     arrays: dict[str, np.ndarray] = {"k": k, "c2w": c2w}
-    obs = row.observation
+    obs, observations = row.observation, TASKS[row.task].observations
     if obs.scene is not None:
-        arrays.update(_render_inputs(row, c2w, k, geo))
+        arrays.update(_render_inputs(row, c2w, k, spec))
     elif obs.image is not None:
-        arrays["image"] = fit(load_image(obs.image, "observation.image", storage_options), geo.height, geo.width)
+        arrays["image"] = fit(load_image(obs.image, "observation.image", storage_options), spec.height, spec.width)
     else:
         video = load_video(obs.video, "observation.video", storage_options)
-        if video.shape[0] < frames:
-            raise RowFailure("observation.video", f"{obs.video} has {video.shape[0]} frames, the row asks for {frames}")
-        arrays["video"] = np.stack([fit(f, geo.height, geo.width) for f in video[:frames]])
-        arrays["image"] = arrays["video"][0]
+        if "video" in observations:
+            if video.shape[0] < frames:
+                raise RowFailure("observation.video", f"{obs.video} has {video.shape[0]} frames, the row asks for {frames}")
+            arrays["video"] = np.stack([fit(f, spec.height, spec.width) for f in video[:frames]])
+        if "image" in observations:
+            arrays["image"] = fit(video[0], spec.height, spec.width)
     if row.goal is not None:
-        arrays["goal"] = fit(load_image(row.goal.image, "goal.image", storage_options), geo.height, geo.width)
+        arrays["goal"] = fit(load_image(row.goal.image, "goal.image", storage_options), spec.height, spec.width)
     return arrays
 
 
-def _render_inputs(row: ManifestRow, c2w: np.ndarray, k: np.ndarray, geo: Geometry) -> dict[str, np.ndarray]:
-    """Render only the frames the task consumes: the first, the last (planning goal) or all (reconstruction)."""
+def _render_inputs(row: ManifestRow, c2w: np.ndarray, k: np.ndarray, spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Render the observations the task needs, and only the frames they show (a goal the row gives
+    as an image replaces the rendered one)."""
     scene = world.Scene.random(row.observation.scene.seed, objects=row.observation.scene.objects,
                                clear_path=c2w[:, :3, 3])
-    needed = {"prediction": [0], "planning": [0, len(c2w) - 1], "reconstruction": list(range(len(c2w)))}[row.task]
-    rgb = world.render(scene, c2w[needed], k[needed], geo.height, geo.width).rgb
-    arrays = {"image": rgb[0]}
-    if row.task == "planning" and row.goal is None:
-        arrays["goal"] = rgb[-1]
-    if row.task == "reconstruction":
-        arrays["video"] = rgb
-    return arrays
+    observations = TASKS[row.task].observations
+    shown = {name: observed_frames(name, len(c2w)) for name in observations}
+    needed = sorted(set().union(*shown.values()))
+    rgb = dict(zip(needed, world.render(scene, c2w[needed], k[needed], spec.height, spec.width).rgb))
+    return {name: np.stack([rgb[i] for i in frames]) if OBSERVED_AT[name] == "all" else rgb[frames[0]]
+            for name, frames in shown.items()}
 
 
-def prepare_batch(batch: dict[str, np.ndarray], geo: Geometry, storage_options: dict[str, Any]) -> dict[str, np.ndarray]:
+def prepare_batch(batch: dict[str, np.ndarray], spec: ModelSpec, storage_options: dict[str, Any]) -> dict[str, np.ndarray]:
     """CPU prep stage (Ray tasks): validated manifest rows in, model-ready inputs (an .npz blob) out."""
     out = []
     for item in rows(batch):
@@ -141,7 +128,7 @@ def prepare_batch(batch: dict[str, np.ndarray], geo: Geometry, storage_options: 
             started = time.perf_counter()
             try:
                 row = ManifestRow.model_validate_json(item["row"])
-                item["inputs"] = pack(prepare_row(row, geo, storage_options))
+                item["inputs"] = pack(prepare_row(row, spec, storage_options))
             except RowFailure as exc:
                 item["error"] = error_json(item["id"], exc.field, exc.reason, "prep")
             except Exception as exc:

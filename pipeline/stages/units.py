@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from hero.models.base import ModelSpec
 from pipeline.plan import Unit
-from pipeline.stages.prep import Geometry, prepare_batch
+from pipeline.stages.prep import prepare_batch
 from pipeline.stages.rows import ROW_COLUMNS, columns, rows
 
 UNIT_COLUMNS = ("unit", "plan", "rows")
@@ -49,14 +50,14 @@ def unit_block(units: list[Unit]) -> pa.Table:
     return pa.table({"unit": [unit.number for unit in units], "plan": [json.dumps(p) for p in plans], "rows": packed})
 
 
-def prepare_units(batch: dict[str, np.ndarray], geo: Geometry, storage_options: dict[str, Any]) -> dict[str, np.ndarray]:
+def prepare_units(batch: dict[str, np.ndarray], spec: ModelSpec, storage_options: dict[str, Any]) -> dict[str, np.ndarray]:
     """CPU prep stage (Ray tasks) over unit rows: :func:`pipeline.stages.prep.prepare_batch` on
     each unit's rows."""
     out = []
     for unit in rows(batch):
         valid = unpack_rows(unit["rows"])
         if valid:
-            unit = dict(unit, rows=pack_rows(rows(prepare_batch(columns(valid, ROW_COLUMNS), geo, storage_options))))
+            unit = dict(unit, rows=pack_rows(rows(prepare_batch(columns(valid, ROW_COLUMNS), spec, storage_options))))
         out.append(unit)
     return columns(out, UNIT_COLUMNS)
 

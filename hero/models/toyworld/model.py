@@ -11,7 +11,8 @@ from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXT
 from safetensors.torch import load_file
 
 from hero import world
-from hero.models.cogvideox_world import CogVideoXWorldModel, ModelSpec
+from hero.models.base import ModelSpec
+from hero.models.cogvideox_world import CogVideoXWorldModel
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
