@@ -201,24 +201,30 @@ def driver(args: list[str], s3: CountingS3, stop_at_first_commit: bool = False, 
 def synthesize(args: list[str], s3: CountingS3, workers: int = 16) -> None:
     """A complete run's output for ``args``, committed through the real write path (workers'
     ShardWriter, the driver's commit and finalize) with placeholder samples: a unit's shard holds
-    one small file per sample field, which a no-op rerun never reads."""
+    one small file per sample field (an empty meta.json, one zero action), which a no-op rerun
+    never reads."""
+    import io
+
+    import numpy as np
+
     from pipeline.cli import load
-    from pipeline.plan import PlanCounts, plan_units, units_to_do
-    from pipeline.run import open_store
+    from pipeline.plan import PlanCounts
+    from pipeline.run import open_store, planned_units
     from pipeline.samples import FIELDS
     from pipeline.sink import RolloutSink
-    from pipeline.sources import read_manifest
 
     config = load(args)
     sink = RolloutSink(open_store(config), config)
     sink.inspect()
     writer = sink.start()
     counts = PlanCounts()
-    units = units_to_do(plan_units(read_manifest(config.input, config.sink.storage_options), ROWS_PER_SHARD),
-                        sink.state.units, counts)
+    units = planned_units(config, sink.state.units, counts)
+    action = io.BytesIO()
+    np.save(action, np.zeros((1, 6), np.float32))
+    placeholder = dict({name: b"placeholder" for name in FIELDS}, **{"meta.json": b"{}", "action.npy": action.getvalue()})
 
     def commit(unit):
-        samples = [(e.row.id, {name: b"placeholder" for name in FIELDS}) for e in unit.valid]
+        samples = [(e.row.id, placeholder) for e in unit.valid]
         plan = {"rows": unit.rows(), "digest": unit.digest()}
         return writer.write(unit.number, samples, [{"frames": 17}] * len(samples), [], plan, None)
 

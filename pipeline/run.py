@@ -2,7 +2,7 @@
 
     sink.inspect()      what the output holds (read only); a complete, intact run stops here
     check_input()       the manifest up to its first row: an unusable input stops before any write
-    sink.start()        the lease, the run record, the commit log tidied
+    sink.start()        the lease, the run record, schema.json, the commit log tidied
     plan (a thread)     manifest -> units -> units not committed -> the feed
     Ray Data            read (feed) -> prep -> generate (actor pool) -> encode and write (commits)
     driver              each unit's commit record -> the commit log; progress every few seconds
@@ -37,6 +37,7 @@ from pipeline.storage import Store
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 PROGRESS_EVERY_S = 10.0
+FEED_STATS_TIMEOUT_S = 5.0
 FEED_BLOCKS_PER_ACTOR = 2
 logger = logging.getLogger("pipeline.run")
 
@@ -217,24 +218,29 @@ class Progress(threading.Thread):
         self.started = time.time()
         self.stopped = threading.Event()
 
+    def start(self) -> None:
+        """Report once now, before the plan runs (so before any unit commits), then every
+        ``PROGRESS_EVERY_S`` seconds."""
+        self.report()
+        super().start()
+
     def run(self) -> None:
-        while True:
+        while not self.stopped.wait(PROGRESS_EVERY_S):
             self.report()
-            if self.stopped.wait(PROGRESS_EVERY_S):
-                return
 
     def report(self) -> None:
         import ray
 
         try:
-            feed = ray.get(self.feed.stats.remote(), timeout=5)
-        except Exception:
-            return
+            feed = ray.get(self.feed.stats.remote(), timeout=FEED_STATS_TIMEOUT_S)
+            pipeline = (f"{feed['blocks_put'] - feed['blocks_taken']} blocks queued; "
+                        f"actors ready {feed['actors_ready']}/{self.actors}")
+        except Exception:  # the feed actor is still starting: the line goes out all the same
+            pipeline = f"feed starting; actors ready ?/{self.actors}"
         elapsed = time.time() - self.started
         done = self.sink.this_run
         planned = f"{self.counts.rows} rows planned" + ("" if self.counts.done else " so far")
-        print(f"[progress] {elapsed:.0f} s: {planned}, {feed['blocks_put'] - feed['blocks_taken']} blocks queued; "
-              f"actors ready {feed['actors_ready']}/{self.actors}; committed {done['units_committed']} units, "
+        print(f"[progress] {elapsed:.0f} s: {planned}, {pipeline}; committed {done['units_committed']} units, "
               f"{done['rollouts']} rollouts ({60 * done['rollouts'] / max(elapsed, 1e-9):.1f}/min)", flush=True)
 
     def stop(self) -> None:

@@ -17,6 +17,7 @@ from pipeline import faults
 from pipeline.examples import example_rows, write_manifest
 from pipeline.loader import rollout_dataset
 from pipeline.samples import FIELDS
+from pipeline.schema import metadata_path
 from pipeline.sink.log import read_records
 from pipeline.storage import Store
 
@@ -38,13 +39,14 @@ def killed_driver(args, env) -> subprocess.CompletedProcess:
 
 
 def check_consistent(output, records_before):
-    """What a crash may leave: complete shards only; every committed record intact and unchanged;
-    an index, if one exists, listing committed shards only."""
+    """What a crash may leave: complete shards only, and metadata tables only beside them; every
+    committed record intact and unchanged; an index, if one exists, listing committed shards only."""
     records = read_records(Store(str(output)))
     for unit, record in records_before.items():
         assert records[unit] == record
-    for shard in (output / "shards").glob("*"):
-        assert shard.suffix == ".tar" and complete_shard(shard)
+    for path in (output / "shards").glob("*"):
+        assert path.suffix in (".tar", ".parquet") and path.with_suffix(".tar").exists()
+        assert path.suffix == ".parquet" or complete_shard(path)
     if (output / "index.json").exists():
         committed = {r["shard"] for r in records.values()}
         assert {s["url"] for s in json.loads((output / "index.json").read_text())["shardlist"]} <= committed
@@ -82,5 +84,6 @@ def test_killed_at_every_commit_moment_resumes_to_exactly_the_expected_keys(ray_
     summary = json.loads((output / "summary.json").read_text())
     assert summary["complete"] and summary["rollouts"] == ROWS  # the damaged upload never got in
     index = json.loads((output / "index.json").read_text())
-    assert sorted(s["url"] for s in index["shardlist"]) == sorted(f"shards/{p.name}" for p in (output / "shards").iterdir())
+    assert sorted(s["url"] for s in index["shardlist"]) == sorted(f"shards/{p.name}" for p in (output / "shards").glob("*.tar"))
+    assert all((output / metadata_path(s["url"])).exists() for s in index["shardlist"])
     assert sorted(r["shard"] for r in records.values()) == sorted(s["url"] for s in index["shardlist"])

@@ -15,6 +15,7 @@ from PIL import Image
 from pipeline import faults
 from pipeline.examples import bad_rows, example_rows, write_manifest
 from pipeline.loader import rollout_dataset
+from pipeline.schema import metadata_path
 
 
 def test_s3_job_with_bad_rows_transient_errors_and_a_dying_actor(ray_head, s3_server, tmp_path, monkeypatch):
@@ -68,4 +69,4 @@ def test_s3_job_with_bad_rows_transient_errors_and_a_dying_actor(ray_head, s3_se
     fs.invalidate_cache()
     index = json.loads(fs.cat_file(f"{bucket}/out/index.json"))
     listed = sorted(fs.unstrip_protocol(path) for path in fs.find(f"{bucket}/out/shards"))
-    assert sorted(f"{bucket}/out/{s['url']}" for s in index["shardlist"]) == listed
+    assert sorted(f"{bucket}/out/{url}" for s in index["shardlist"] for url in (s["url"], metadata_path(s["url"]))) == listed

@@ -1,6 +1,7 @@
 """The sink without Ray, on local disk and on moto's S3: a worker's commit (shard stored and verified
-by the store's checksum, then its create-only marker), the commit log and its compaction, the index,
-shard verification on rerun, the no-op rerun that writes nothing, and retries of transient errors."""
+by the store's checksum, its metadata table, then its create-only marker), schema.json, the commit
+log and its compaction, the index, the summary's audit figures, shard verification on rerun, the
+no-op rerun that writes nothing, and retries of transient errors."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import json
 import os
 import tarfile
 
+import pyarrow.parquet as pq
 import pytest
 from conftest import fake_samples
 
 from pipeline.config import build_config, resolve
 from pipeline.examples import example_rows, write_manifest
 from pipeline.plan import PlanCounts
+from pipeline.schema import SCHEMA_FILE, metadata_path
 from pipeline.sink import RolloutSink, ShardWriter
 from pipeline.sink.layout import COMMITS_DIR, SHARDS_DIR, marker_path
 from pipeline.sink.log import read_log
@@ -65,6 +68,8 @@ def test_a_worker_commit_stores_a_verified_shard_then_its_marker(tmp_path):
     assert names[:5] == [f"a-1.{field}" for field in ("rgb.mp4", "depth.mkv", "camera.npz", "action.npy", "meta.json")]
     assert store.read_json(marker_path(3, 2)) == json.loads(json.dumps(record))
     assert [key for key, _ in read_samples(store, record["shard"])] == ["a-1", "a-2"]
+    table = pq.read_table(tmp_path / "out" / metadata_path(record["shard"]))
+    assert table.column("id").to_pylist() == ["a-1", "a-2"] and table.column("model").to_pylist() == ["fake"] * 2
 
 
 def test_shards_are_reproducible_bytes():
@@ -78,7 +83,8 @@ def test_a_unit_committed_twice_in_one_epoch_keeps_the_first_commit(tmp_path):
     first = writer.write(0, fake_samples(["x-1"]), [], [], PLAN, None)["record"]
     again = writer.write(0, fake_samples(["x-9"]), [], [], PLAN, None)["record"]
     assert again == json.loads(json.dumps(first)) and again["keys"] == ["x-1"]
-    assert store.listdir(SHARDS_DIR) == [first["shard"].split("/")[1]]  # the retry's shard is gone
+    name = first["shard"].split("/")[1]
+    assert store.listdir(SHARDS_DIR) == [name.replace(".tar", ".parquet"), name]  # the retry's files are gone
 
 
 def test_a_unit_without_samples_commits_a_marker_only(tmp_path):
@@ -95,13 +101,36 @@ def test_a_damaged_upload_is_caught_by_its_checksum_and_never_committed(tmp_path
     monkeypatch.setenv("HERO_FAULT_CORRUPT_UPLOAD", "1")
     record = ShardWriter(store, "run", 1).write(0, fake_samples(["c-1"]), [], [], PLAN, None)["record"]
     assert record["stats"]["checksum_failures"] == 1
-    assert store.sha256(record["shard"]) == record["sha256"] and store.listdir(SHARDS_DIR) == [record["shard"][7:]]
+    shard_files = sorted(rel.split("/")[1] for rel in (record["shard"], metadata_path(record["shard"])))
+    assert store.sha256(record["shard"]) == record["sha256"] and store.listdir(SHARDS_DIR) == shard_files
 
     monkeypatch.setenv("HERO_FAULT_DIR", str(tmp_path / "faults-always"))
     monkeypatch.setenv("HERO_FAULT_CORRUPT_UPLOAD", str(CHECKSUM_ATTEMPTS))
     outcome = ShardWriter(store, "run", 1).write(1, fake_samples(["c-2"]), [], [], PLAN, None)
     assert outcome["error"]["stage"] == "commit" and "checksum" in outcome["error"]["reason"]
-    assert not store.exists(marker_path(1, 1)) and store.listdir(SHARDS_DIR) == [record["shard"][7:]]
+    assert not store.exists(marker_path(1, 1)) and store.listdir(SHARDS_DIR) == shard_files
+
+
+def test_the_run_starts_by_describing_its_samples_in_schema_json(tmp_path):
+    run, _ = started_sink(job(tmp_path, str(tmp_path / "out")))
+    run.close()
+    schema = run.store.read_json(SCHEMA_FILE)
+    assert schema["model"]["name"] == "toyworld" and schema["fps"] > 0 and "conventions" in schema
+
+
+def test_audits_go_into_the_units_record_and_the_summary(tmp_path):
+    run, writer = started_sink(job(tmp_path, str(tmp_path / "out")))
+    audits = [{"accelerator": "hero", "psnr_db": 30.0 + unit, "depth_abs_rel": 0.01, "rot_err_deg": 0.1,
+               "trans_err": 0.0} for unit in range(4)]
+    for unit, audit in enumerate(audits):
+        metas = [{"frames": 5, "audit": audit}, {"frames": 5}]
+        outcome = writer.write(unit, fake_samples([f"u{unit}-a", f"u{unit}-b"]), metas, [], PLAN, None)
+        assert outcome["record"]["stats"]["audits"] == [audit]
+        run.commit(outcome)
+    summary = run.finalize(PlanCounts(rows=4, units=4, committed=0, todo=4, done=True), None)
+    run.close()
+    assert summary["audit"]["hero"]["audited"] == 4 and summary["audit"]["hero"]["failed"] == 0
+    assert summary["audit"]["hero"]["psnr_db"]["min"] == 30.0 and summary["audit"]["hero"]["psnr_db"]["max"] == 33.0
 
 
 def test_the_driver_compacts_markers_into_segments_and_the_later_epoch_wins(tmp_path):
@@ -170,14 +199,18 @@ def test_cleanup_removes_only_this_runs_unvouched_files_once_they_are_old(tmp_pa
     config, _ = finished_run(tmp_path, str(tmp_path / "out"))
     shards = tmp_path / "out" / SHARDS_DIR
     vouched = sorted(p.name for p in shards.iterdir())
-    stale = shards / f"{config.run_id}-000009-0123abcd.tar"
+    assert len(vouched) == 8  # four shards, each with its metadata table
+    stale = [shards / f"{config.run_id}-000009-0123abcd{suffix}" for suffix in (".tar", ".parquet")]
     fresh = shards / f"{config.run_id}-000008-4567abcd.tar"
-    for orphan in (stale, fresh):
+    for orphan in (*stale, fresh):
         orphan.write_bytes(b"an attempt that never committed")
-    os.utime(stale, (1, 1))
+    for orphan in stale:
+        os.utime(orphan, (1, 1))
+    for committed in vouched:  # a committed shard's files are kept however old
+        os.utime(shards / committed, (1, 1))
     run, _ = started_sink(job(tmp_path, str(tmp_path / "out"), adopt_foreign=True))
     run.close()
-    assert run.this_run["orphans_removed"] == 1
+    assert run.this_run["orphans_removed"] == 2
     assert sorted(p.name for p in shards.iterdir()) == sorted(vouched + [fresh.name])
 
 
@@ -232,3 +265,4 @@ def test_s3_verification_sees_a_shard_replaced_by_other_bytes_of_the_same_size(s
     rerun = RolloutSink(store, config)
     rerun.inspect()
     assert rerun.damaged == {0}
+

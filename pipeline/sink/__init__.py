@@ -1,8 +1,10 @@
 """The sink: a run's output, shaped like Ray Data's ``Datasink``.
 
     driver   RolloutSink.inspect()   what the prefix holds: ownership, run record, commit log, shards
-             RolloutSink.start()     the lease, the run record, stray markers compacted, own leftovers removed
-    workers  ShardWriter.write()     one unit: its shard stored and verified, its marker (the commit point)
+             RolloutSink.start()     the lease, the run record, schema.json, stray markers compacted,
+                                     own leftovers removed
+    workers  ShardWriter.write()     one unit: its shard stored and verified with its metadata table,
+                                     then its marker (the commit point)
     driver   RolloutSink.commit()    each unit's record, compacted into the commit log
              RolloutSink.finalize()  once: errors.jsonl, summary.json, preview, index.json (last)
 
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline import faults
 from pipeline.config import ConfigError, OutputError
 from pipeline.redact import redact, redact_text
+from pipeline.schema import SCHEMA_FILE, schema_document
 from pipeline.sink.layout import (
     COMMITS_DIR, ERRORS_FILE, INDEX_FILE, LAYOUT, PREVIEW_FILES, RUN_FILE, SHARDS_DIR, SUMMARY_FILE, Inventory,
     marker_path, shard_name_pattern, take_inventory,
@@ -65,8 +68,8 @@ class ShardWriter:
             record = redact(commit_record(self.run_id, unit, self.epoch, plan, [key for key, _ in samples], shard,
                                           errors, stats, node))  # row errors may quote a presigned URL
             if not self.store.create(marker_path(unit, self.epoch), record_line(record)):
-                if shard:  # an earlier attempt of this task committed the unit: keep its shard, drop ours
-                    self.store.delete(shard.path)
+                if shard:  # an earlier attempt of this task committed the unit: keep its files, drop ours
+                    self.store.delete_many(shard.files)
                 return {"record": self.store.read_json(marker_path(unit, self.epoch))}
             faults.crash_point("worker_after_marker")
             return {"record": record}
@@ -192,9 +195,10 @@ class RolloutSink:
         return summary if current else None
 
     def start(self) -> ShardWriter:
-        """Take the lease (:class:`LeaseHeld` if another driver has it), write the run record,
-        compact markers earlier drivers left, remove this run's own leftovers; the writer the
-        workers commit with. Everything is read again if another driver wrote since :meth:`inspect`."""
+        """Take the lease (:class:`LeaseHeld` if another driver has it), write the run record and
+        schema.json, compact markers earlier drivers left, remove this run's own leftovers; the
+        writer the workers commit with. Everything is read again if another driver wrote since
+        :meth:`inspect`."""
         self.lease = Lease(self.store, self.config.run_id, self.config.sink.lease_s)
         seen = self.inventory.latest_epoch()
         try:
@@ -205,6 +209,8 @@ class RolloutSink:
             if self.run_record is None:
                 self.run_record = self._new_run_record()
                 self.store.create(RUN_FILE, json_bytes(self.run_record))
+            if not self.inventory.has(SCHEMA_FILE):
+                self.store.write_json(SCHEMA_FILE, schema_document(self.config.model.name, self.config.model.options))
         except PermissionError as exc:
             raise OutputError(self.store.url(), f"cannot be written: {exc.strerror or exc}") from None
         self.compactor = LogCompactor(self.store, epoch, self.config.sink.compact_every)

@@ -2,7 +2,7 @@
 
     run.json                               the run record: layout, run id, what is generated
     shards/<run id>-000003-1f2e3d4c.tar    unit 3's shard; the token is unique to one write attempt
-    shards/<run id>-000003-1f2e3d4c.parquet  its metadata table, when written (pipeline.schema)
+    shards/<run id>-000003-1f2e3d4c.parquet  its metadata table (pipeline.schema), written beside it
     _commits/unit-00000003.e000002.json    unit 3's commit marker, lease epoch 2 (worker, create-only)
     _commits/log-e000002-000000.jsonl      markers compacted by the driver of epoch 2 (create-only)
     _lease/epoch-000002.json               the lease of epoch 2: which driver may write, until when

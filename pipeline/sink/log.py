@@ -26,17 +26,19 @@ RECORD_SCHEMA = "hero-rollouts/commit-1"
 STAGE_SECONDS = ("prep_s", "generate_s", "encode_s", "write_s")
 
 
-def unit_stats(metas: list[dict[str, Any]], write_s: float, checksum_failures: int) -> dict[str, float]:
-    """Per-unit figures kept in its record: frames, and seconds spent per stage (summed over rows)."""
-    stats: dict[str, float] = {"frames": sum(int(m.get("frames", 0)) for m in metas),
-                               "write_s": write_s, "checksum_failures": checksum_failures}
+def unit_stats(metas: list[dict[str, Any]], write_s: float, checksum_failures: int) -> dict[str, Any]:
+    """Per-unit figures kept in its record: frames, seconds spent per stage (summed over rows) and
+    the audited samples' drift records (``meta["audit"]``, :mod:`pipeline.audit`)."""
+    stats: dict[str, Any] = {"frames": sum(int(m.get("frames", 0)) for m in metas),
+                             "write_s": write_s, "checksum_failures": checksum_failures,
+                             "audits": [m["audit"] for m in metas if "audit" in m]}
     for stage in STAGE_SECONDS[:-1]:
         stats[stage] = sum(float(m.get("timings", {}).get(stage, 0.0)) for m in metas)
     return stats
 
 
 def commit_record(run_id: str, unit: int, epoch: int, plan: dict[str, Any], keys: list[str],
-                  shard: StoredShard | None, errors: list[dict[str, Any]], stats: dict[str, float],
+                  shard: StoredShard | None, errors: list[dict[str, Any]], stats: dict[str, Any],
                   node: str | None) -> dict[str, Any]:
     """The record of one committed unit (the marker's content; see docs/pipeline.md); ``plan``
     holds the unit's rows and their digest (:meth:`pipeline.plan.Unit.rows`)."""
@@ -63,7 +65,7 @@ class CommittedUnit:
     filesize: int
     sha256: str | None
     etag: str | None
-    stats: dict[str, float]
+    stats: dict[str, Any]
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> "CommittedUnit":

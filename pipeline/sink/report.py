@@ -9,6 +9,7 @@ from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
+from pipeline.audit import audit_summary
 from pipeline.plan import PlanCounts
 from pipeline.redact import redact
 from pipeline.samples import decode_sample
@@ -36,12 +37,14 @@ def collect_errors(state: CommitState, run_errors: list[dict[str, Any]]) -> list
 
 
 def dataset_totals(state: CommitState) -> dict[str, Any]:
-    """What the committed units hold, summed from their records (every generating run's work)."""
+    """What the committed units hold, summed from their records (every generating run's work),
+    with the accelerator's drift on the audited samples (:func:`pipeline.audit.audit_summary`)."""
     units = state.units.values()
     return {"rollouts": sum(u.nsamples for u in units), "frames": int(sum(u.stats.get("frames", 0) for u in units)),
             "shards": sum(1 for u in units if u.shard), "bytes": sum(u.filesize for u in units),
             "checksum_failures": int(sum(u.stats.get("checksum_failures", 0) for u in units)),
-            "seconds": {stage: sum(u.stats.get(stage, 0.0) for u in units) for stage in STAGE_SECONDS}}
+            "seconds": {stage: sum(u.stats.get(stage, 0.0) for u in units) for stage in STAGE_SECONDS},
+            "audit": audit_summary(audit for u in units for audit in u.stats.get("audits", []))}
 
 
 def build_summary(identity: dict[str, Any], plan: PlanCounts, state: CommitState, errors: list[dict[str, Any]],

@@ -1,6 +1,7 @@
 """A unit's shard, both ways: its samples written as one reproducible USTAR file by the worker that
-encoded them, stored under a name unique to the attempt and verified by the store's own checksum;
-and the sink's reader, which gives a stored shard's samples back."""
+encoded them, stored under a name unique to the attempt and verified by the store's own checksum,
+with its metadata table beside it (:func:`pipeline.schema.shard_metadata`); and the sink's reader,
+which gives a stored shard's samples back."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 from pipeline import faults
 from pipeline.samples import FIELDS
+from pipeline.schema import metadata_path, shard_metadata
 from pipeline.sink.layout import shard_path
 from pipeline.storage import ChecksumMismatch, Digest, Store
 
@@ -35,6 +37,11 @@ class StoredShard:
     etag: str | None
     checksum_failures: int
 
+    @property
+    def files(self) -> tuple[str, str]:
+        """The shard and its metadata table."""
+        return self.path, metadata_path(self.path)
+
 
 def tar_bytes(samples: list[Sample]) -> bytes:
     """Samples as a byte-for-byte reproducible USTAR file.
@@ -55,8 +62,8 @@ def tar_bytes(samples: list[Sample]) -> bytes:
 
 def write_shard(store: Store, run_id: str, unit: int, samples: list[Sample]) -> StoredShard:
     """The per-shard write path: store unit ``unit``'s samples as one shard, create-only under a
-    name no other attempt uses, checked against the store's checksum; a damaged upload is deleted
-    and sent again under a new name. Files that belong beside a shard are written here too."""
+    name no other attempt uses, checked against the store's checksum (a damaged upload is deleted
+    and sent again under a new name), then its metadata table beside it."""
     data = tar_bytes(samples)
     digest = Digest.of(data)
     for failures in range(CHECKSUM_ATTEMPTS):
@@ -66,7 +73,9 @@ def write_shard(store: Store, run_id: str, unit: int, samples: list[Sample]) -> 
             etag = store.put_verified(rel, payload, digest)
         except ChecksumMismatch:
             continue
-        return StoredShard(rel, digest.sha256, digest.size, etag, failures)
+        shard = StoredShard(rel, digest.sha256, digest.size, etag, failures)
+        store.write_bytes(metadata_path(rel), shard_metadata(samples))
+        return shard
     raise ShardCommitError(f"unit {unit}: the stored shard's checksum did not match in {CHECKSUM_ATTEMPTS} uploads")
 
 

@@ -67,7 +67,7 @@ def build_dataset(config: "JobConfig", feed: Any, writer: "ShardWriter"):
                      fn_constructor_kwargs={"feed": feed, "rows_per_call": gen.batch_size,
                                             "model": config.model.name, "model_options": config.model.options,
                                             "accel": config.accel.name, "accel_options": config.accel.options,
-                                            "steps": gen.steps})
+                                            "steps": gen.steps, "audit": config.audit.model_dump()})
         .map_batches(encode_and_write, batch_size=1, num_cpus=config.ray.encode_num_cpus,
                      fn_kwargs={"writer": writer, "model": config.model.name})
     )
