@@ -1,14 +1,19 @@
-"""HERO's parts one at a time on the trained toyworld: what each saves and what it costs.
+"""HERO's parts one at a time, and its schedules side by side, on the trained toyworld: what each
+saves and what it costs. The presets in ``hero.cache.config.PRESETS`` are read off this page.
 
-    python -m bench.ablation [--scenes 4] [--out docs/bench]
+    python -m bench.ablation [--scenes 8] [--part parts|schedules|all] [--out docs/bench]
 
-Variants of the default preset, each scored as ``bench.accel`` scores a method (counted FLOPs of
-the sampling loop, PSNR/SSIM/AbsRel against full compute, the PSNR drop against the rendered
-truth, cache bytes): refresh only (every block shallow, nothing extrapolated), extrapolation
-only (every block deep: PARTIAL steps extrapolate the whole stack), the split the
-feature-coupling probe picks on this model instead of a third of the blocks, keys/values
-recomputed instead of cached, and rate-of-change tracking. Writes ``<out>/ablation.json`` and
-``.md``.
+*Parts*: the default preset with one thing changed: no shallow refresh (every block
+extrapolated), no deep extrapolation (every block refreshed), the stale shallow tokens reused
+instead of forecast to first order, the paper's third of the blocks shallow instead of the probe's
+split, step positions instead of timesteps, two warm-up steps, keys/values recomputed. *Schedules*:
+the default preset's parts at every interval from 2 to 8, static, and verified (the schedule
+checks itself: a PARTIAL step whose refreshed tokens find the forecast off by more than the
+threshold makes the next step FULL) at longer intervals, so a verified schedule can be compared
+with the static one of equal FLOPs. Each row is scored as ``bench.accel`` scores a method (counted
+FLOPs of the sampling loop, PSNR/SSIM/AbsRel against full compute with 95% intervals over scenes,
+the PSNR drop against the rendered truth, cache bytes). Writes ``<out>/ablation.json``, ``.md`` and
+``ablation_schedules.png`` (quality against FLOPs reduction, static and verified).
 """
 
 from __future__ import annotations
@@ -23,82 +28,138 @@ import torch
 
 from bench.accel import coupling_profile, method_row, profile_method
 from bench.methods import Method
-from bench.report import json_safe, mib, number_text, psnr_text, speedup_text
+from bench.report import ci_text, json_safe, mib, pareto_front, quality_cells, speedup_text
 from bench.workloads import toyworld_workload
 
 log = logging.getLogger("bench.ablation")
 
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "hero (default)": ("the default preset: refresh shallow, extrapolate deep, cached keys/values",
-                       {}),
-    "refresh only": ("every block shallow (patch-wise refresh), nothing extrapolated",
-                     {"shallow_fraction": 1.0}),
-    "extrapolation only": ("every block deep: PARTIAL steps extrapolate the whole stack",
-                           {"shallow_fraction": 0.0}),
+PARTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "hero (default)": ("the default preset: refresh shallow (first-order forecast of the rest), "
+                       "extrapolate deep, probe's split", {}),
+    "no shallow refresh": ("every block deep: PARTIAL steps extrapolate the whole stack",
+                           {"split": 0}),
+    "no deep extrapolation": ("every block shallow: PARTIAL steps refresh a quarter of every "
+                              "block's tokens", {"split": None, "shallow_fraction": 1.0}),
+    "shallow reuse": ("stale shallow tokens reuse their cached residual (zeroth order)",
+                      {"shallow_forecast": "reuse"}),
+    "paper's split": ("a third of the blocks shallow, not the probe's split",
+                      {"split": None, "shallow_fraction": 1 / 3}),
+    "step positions": ("forecasts in step index instead of timestep", {"positions": "step"}),
+    "two warm-up steps": ("two FULL steps first: the first forecast extrapolates their slope",
+                          {"warmup_steps": 2}),
     "recompute keys/values": ("keys/values of every token recomputed on PARTIAL steps",
                               {"kv_mode": "recompute_kv"}),
-    "rate tracking": ("fast-changing tokens refreshed first (rate_weight=1)", {"rate_weight": 1.0}),
 }
+STATIC_INTERVALS = (2, 3, 4, 5, 6, 8)
+VERIFIED = ((4, 0.3), (6, 0.3), (8, 0.3), (6, 0.5), (8, 0.5))
 
 
-def run(scenes: int, out: Path, steps: int | None = None, model_name: str | None = None
-        ) -> dict[str, Any]:
+def schedule_variants() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Static schedules at every interval and verified ones, all with the default preset's parts."""
+    variants = {f"static, interval {i}": (f"a FULL step every {i} steps", {"interval": i})
+                for i in STATIC_INTERVALS}
+    for interval, threshold in VERIFIED:
+        variants[f"verified, interval {interval}, threshold {threshold}"] = (
+            f"a FULL step at the latest every {interval} steps, and after any PARTIAL step "
+            f"whose refreshed tokens drift by more than {threshold}",
+            {"interval": interval, "verify_threshold": threshold})
+    return variants
+
+
+def run(scenes: int, out: Path, steps: int | None = None, model_name: str | None = None,
+        part: str = "all") -> dict[str, Any]:
     """Profile full compute and every variant on ``scenes`` held-out toyworld scenes (``steps``
     None: the model's default; ``model_name`` None: the trained toyworld)."""
     workload = toyworld_workload(scenes, steps, model_name=model_name)
     device = torch.device("cpu")
     coupling = coupling_profile(workload)
-    variants = {**VARIANTS, "probe's split": (
-        f"k = {coupling['split']} shallow blocks, chosen by the feature-coupling probe",
-        {"split": coupling["split"]})}
+    groups = {"parts": PARTS, "schedules": schedule_variants()}
     full = Method("full", "full")
     reference = profile_method(workload, full, device)
-    rows = {"full": method_row(full, reference, reference, workload)}
-    for label, (meaning, options) in variants.items():
-        log.info("profiling %s", label)
-        method = Method(label, "hero", "hero", options)
-        rows[label] = method_row(method, profile_method(workload, method, device), reference,
-                                 workload)
-        rows[label]["meaning"] = meaning
-    result = {"info": workload.info, "steps": workload.steps, "guidance": workload.guidance,
-              "coupling": coupling, "variants": rows}
+    result: dict[str, Any] = {"info": workload.info, "steps": workload.steps,
+                              "guidance": workload.guidance, "coupling": coupling,
+                              "full": method_row(full, reference, reference, workload)}
+    for group in (("parts", "schedules") if part == "all" else (part,)):
+        rows = result[group] = {}
+        for label, (meaning, options) in groups[group].items():
+            log.info("profiling %s", label)
+            method = Method(label, "hero", "hero", options)
+            rows[label] = method_row(method, profile_method(workload, method, device), reference,
+                                     workload)
+            rows[label]["meaning"] = meaning
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
-    (out / "ablation.md").write_text(markdown(result))
+    (out / "ablation.md").write_text(markdown(result, part))
+    if "schedules" in result:
+        schedules_plot(result["schedules"], out / "ablation_schedules.png")
     return result
 
 
-def markdown(result: dict[str, Any]) -> str:
+def markdown(result: dict[str, Any], part: str = "all") -> str:
     info = result["info"]
     lines = [f"HERO ablation on `{info['model']}` (revision `{info['revision']}`), "
              f"{info['scenes']} held-out scenes, {result['steps']} steps, guidance "
-             f"{result['guidance']}: `python -m bench.ablation --scenes {info['scenes']}`", "",
-             "| variant | what changes | FLOPs reduction | PSNR vs full (dB) | SSIM vs full | "
-             "depth AbsRel vs full | PSNR drop vs truth (dB) | latent rel. error | cache (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for label, row in result["variants"].items():
-        if label == "full":
+             f"{result['guidance']}: `python -m bench.ablation --scenes {info['scenes']} "
+             f"--part {part}`. Quality: mean over scenes ± the 95% interval of the mean.", ""]
+    for group in ("parts", "schedules"):
+        if group not in result:
             continue
-        quality = row["quality"]
-        vs_full = quality["vs_full"]
-        cells = [label, row["meaning"], speedup_text(row["flops_speedup"]), psnr_text(vs_full),
-                 number_text(vs_full["ssim"], 4), number_text(vs_full["abs_rel"], 4),
-                 number_text(quality["psnr_drop_vs_truth"]), number_text(row["latent_rel_err"], 4),
-                 number_text(mib(row["cache_bytes"]), 1)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        lines += [f"## {group}", "",
+                  "| variant | what changes | FLOPs reduction | full / partial steps | PSNR vs full "
+                  "(dB) | SSIM vs full | depth AbsRel vs full | PSNR drop vs truth (dB) | latent "
+                  "rel. error | cache (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for label, row in result[group].items():
+            stats = row["stats"]
+            cells = [label, row["meaning"], speedup_text(row["flops_speedup"]),
+                     f"{stats.get('full_steps')} / {stats.get('partial_steps')}",
+                     *quality_cells(row["quality"]), ci_text(row["latent_rel_err"], None, 4),
+                     ci_text(mib(row["cache_bytes"]), None, 1)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def schedules_plot(rows: dict[str, Any], path: Path) -> Path:
+    """PSNR against full compute versus FLOPs reduction: static schedules (line) and verified."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for kind, color in (("static", "tab:blue"), ("verified", "tab:red")):
+        points = sorted((row["flops_speedup"], row["quality"]["vs_full"]["psnr"], label)
+                        for label, row in rows.items() if label.startswith(kind)
+                        and row["quality"]["vs_full"]["psnr"] is not None)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-" if kind == "static" else "s",
+                color=color, label=kind)
+        for x, y, label in points:
+            ax.annotate(label.split(", ", 1)[1], (x, y), textcoords="offset points",
+                        xytext=(4, 3), fontsize=6)
+    front = pareto_front([(row["flops_speedup"], row["quality"]["vs_full"]["psnr"])
+                          for row in rows.values() if row["quality"]["vs_full"]["psnr"]])
+    ax.plot(*zip(*front), color="gray", alpha=0.3, linewidth=3, zorder=0)
+    ax.set_xlabel("FLOPs reduction on toyworld (x)")
+    ax.set_ylabel("RGB PSNR vs full compute (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenes", type=int, default=4, help="held-out toyworld scenes")
+    parser.add_argument("--scenes", type=int, default=8, help="held-out toyworld scenes")
+    parser.add_argument("--part", choices=("parts", "schedules", "all"), default="all")
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="folder of the results")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (model default)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = run(args.scenes, args.out, args.steps)
-    print(markdown(result))
+    result = run(args.scenes, args.out, args.steps, part=args.part)
+    print(markdown(result, args.part))
 
 
 if __name__ == "__main__":

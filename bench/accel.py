@@ -30,7 +30,7 @@ from bench import report
 from bench.measure import (PeakMemory, TimedRun, count_flops, hook_state_bytes, paired_times,
                            steady_cpu_allocator)
 from bench.methods import Method, apply_method, default_methods, steps_methods
-from bench.quality import latent_error, versus_full, versus_truth
+from bench.quality import latent_error, paired_difference, versus_full, versus_truth
 from bench.workloads import AetherShape, Workload, aether_shaped_workload, toyworld_workload
 from hero.cache.probe import FeatureCouplingProbe, choose_split
 
@@ -44,7 +44,7 @@ class Settings:
     takes the model's default; ``methods`` None runs all of :func:`bench.methods.default_methods`."""
 
     mode: str = "full"
-    scenes: int = 4
+    scenes: int = 8
     toyworld_model: str | None = None
     toyworld_steps: int | None = None
     shape: AetherShape = field(default_factory=AetherShape)
@@ -59,7 +59,7 @@ class Settings:
         return {**dataclasses.asdict(self), "shape": self.shape.describe()}
 
 
-QUICK = Settings(mode="quick", scenes=1, rounds=2, time_toyworld=False,
+QUICK = Settings(mode="quick", rounds=2, time_toyworld=False,
                  shape=AetherShape(layers=10, heads=2, latent_height=12, latent_width=16,
                                    text_tokens=8, steps=20, batch=1))
 FULL = Settings()
@@ -71,7 +71,7 @@ def profile_method(workload: Workload, method: Method, device: torch.device) -> 
     accelerator = None if method.family in ("full", "steps") else \
         apply_method(transformer, method, workload.steps)
     try:
-        calibration = _calibrate(workload, accelerator)
+        calibration = _calibrate(workload, method, accelerator)
         with PeakMemory(device) as memory:
             latents, flops = count_flops(lambda: workload.sample(method.steps))
         cache_bytes = hook_state_bytes(transformer)
@@ -85,15 +85,21 @@ def profile_method(workload: Workload, method: Method, device: torch.device) -> 
             "calibration": calibration}
 
 
-def _calibrate(workload: Workload, accelerator: Any) -> dict[str, Any] | None:
-    """MagCache without ratios calibrates on one generation first; later runs reuse the ratios."""
-    if accelerator is None or not accelerator.stats().get("calibrating"):
+def _calibrate(workload: Workload, method: Method, accelerator: Any) -> dict[str, Any] | None:
+    """Accelerators that calibrate on a first generation do it here, timed, before anything is
+    measured: MagCache without ratios (later runs get the ratios as an option) and HERO with
+    ``split="auto"`` and no cached calibration for this model and shape (later runs read the
+    cache). For HERO the generation runs anyway and counts only if it calibrated."""
+    if accelerator is None or not (method.family == "hero" or accelerator.stats().get("calibrating")):
         return None
     started = time.perf_counter()
     workload.sample()
     accelerator.reset()
-    ratios = accelerator.stats().get("mag_ratios")
-    return {"seconds": time.perf_counter() - started, "mag_ratios": ratios}
+    stats = accelerator.stats()
+    if method.family == "hero":
+        return {"seconds": time.perf_counter() - started, "split": stats["split"]} \
+            if stats.get("calibration_run") else None
+    return {"seconds": time.perf_counter() - started, "mag_ratios": stats.get("mag_ratios")}
 
 
 def with_calibration(method: Method, profile: dict[str, Any]) -> Method:
@@ -117,14 +123,16 @@ def timed_run(workload: Workload, method: Method) -> TimedRun:
 
 
 def coupling_profile(workload: Workload) -> dict[str, Any]:
-    """HERO's feature-coupling probe over one full sampling (also the warm-up run)."""
+    """HERO's feature-coupling probe over one full sampling (also the warm-up run): per block the
+    forecast error (``profile``, what the split follows) and the change between steps."""
     probe = FeatureCouplingProbe(workload.model.transformer)
     try:
         workload.sample()
-        profile = probe.profile()
+        profiles = probe.recorder().profiles()
     finally:
         probe.remove()
-    return {"profile": profile, "split": choose_split(profile)}
+    return {"profile": profiles["forecast_error"], "change": profiles["change"],
+            "split": choose_split(profiles["forecast_error"])}
 
 
 def bench_workload(workload: Workload, methods: list[Method], settings: Settings, timed: bool
@@ -173,9 +181,10 @@ def method_row(method: Method, profile: dict[str, Any], reference: dict[str, Any
     if profile["rollouts"]:
         truth = versus_truth(profile["rollouts"], workload.truths)
         full_truth = versus_truth(reference["rollouts"], workload.truths)
+        drop, drop_ci = paired_difference(full_truth["scenes"]["psnr"], truth["scenes"]["psnr"])
         row["quality"] = {"vs_full": versus_full(profile["rollouts"], reference["rollouts"]),
-                          "vs_truth": truth,
-                          "psnr_drop_vs_truth": full_truth["psnr"] - truth["psnr"]}
+                          "vs_truth": truth, "psnr_drop_vs_truth": drop,
+                          "psnr_drop_vs_truth_ci": drop_ci}
     return row
 
 
@@ -200,8 +209,8 @@ def run(settings: Settings, out: Path, summary: Path | None, command: str) -> di
     result = {"command": command, "settings": settings.describe(),
               "machine": _machine(settings, load_before, allocator), "workloads": workloads,
               "seconds": time.time() - started}
-    result["claims"] = report.claims(result)
     result["verdicts"] = report.verdicts(result)
+    result["claims"] = report.claims(result)
     report.write_all(result, out, summary)
     return result
 

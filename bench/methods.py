@@ -44,6 +44,7 @@ def default_methods() -> list[Method]:
         Method("hero", "hero", "hero"),
         Method("hero-fast", "hero", "hero-fast"),
         Method("hero-quality", "hero", "hero-quality"),
+        Method("hero-turbo", "hero", "hero-turbo"),
         Method("pab", "diffusers", "pab"),
         Method("pab-fast", "diffusers", "pab-fast"),
         Method("fastercache", "diffusers", "fastercache"),

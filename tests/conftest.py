@@ -119,6 +119,15 @@ def _stop_head(head: RayHead) -> None:
     shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def calibration_cache(tmp_path_factory):
+    """HERO's ``split="auto"`` (the presets') keeps its calibrations in a folder per test module,
+    not in the home folder: every module starts uncalibrated, as its tests expect."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HERO_CALIBRATION_DIR", str(tmp_path_factory.mktemp("calibration")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def ray_head() -> RayHead:
     """One Ray head for the session: 4 logical CPUs, token auth set explicitly, private temp dir

@@ -210,27 +210,32 @@ def test_pipeline_overhead_arithmetic():
 
 def test_ablation_orders_hero_parts_by_cost(tmp_path):
     result = ablation.run(scenes=1, out=tmp_path, steps=6, model_name="tiny")
-    rows = result["variants"]
-    assert set(rows) == {"full", "probe's split", *ablation.VARIANTS}
-    assert rows["probe's split"]["options"] == {"split": result["coupling"]["split"]}
-    saved = {label: row["flops_speedup"] for label, row in rows.items()}
-    assert saved["extrapolation only"] > saved["hero (default)"] > saved["refresh only"] > 1.0
+    parts, schedules = result["parts"], result["schedules"]
+    assert set(parts) == set(ablation.PARTS) and set(schedules) == set(ablation.schedule_variants())
+    saved = {label: row["flops_speedup"] for label, row in parts.items()}
+    assert saved["no shallow refresh"] >= saved["hero (default)"] \
+        > saved["no deep extrapolation"] > 1.0
     assert saved["recompute keys/values"] < saved["hero (default)"]
-    for label, row in rows.items():
-        if label != "full":
-            assert math.isfinite(row["quality"]["vs_full"]["psnr"]), label
+    assert schedules["static, interval 2"]["flops_speedup"] \
+        < schedules["static, interval 4"]["flops_speedup"]
+    for label, row in {**parts, **schedules}.items():
+        assert math.isfinite(row["quality"]["vs_full"]["psnr"]), label
     assert json.loads((tmp_path / "ablation.json").read_text())["steps"] == 6
     table = (tmp_path / "ablation.md").read_text()
-    assert all(f"| {label} |" in table for label in ablation.VARIANTS)
+    assert all(f"| {label} |" in table for label in [*ablation.PARTS, *schedules])
+    assert (tmp_path / "ablation_schedules.png").stat().st_size > 0
 
 
 def test_block_costs_set_time_beside_counted_work():
-    result = blocks.measure(TINY_SHAPE, rounds=2)
+    result = blocks.measure(TINY_SHAPE, rounds=2, compiled=False)
     calls = result["calls"]
-    assert len(calls) == 7 and all(row["ms"] > 0 for row in calls.values())
+    assert len(calls) == 10 and all(row["ms"] > 0 for row in calls.values())
     assert calls["diffusers forward"]["flop_share"] == 1.0
     assert calls["HERO block, every token (FULL step)"]["flop_share"] == pytest.approx(1.0)
     assert 0 < calls["HERO partial block (PARTIAL step)"]["flop_share"] < 0.75  # 8 of 32 refreshed
     assert calls["HERO partial block, 4 tokens"]["flops"] is None
+    full, hero_full, hero_partial = (calls[name] for name in blocks.STEP_CALLS)
+    assert full["flop_share"] == 1.0 and hero_full["flop_share"] == pytest.approx(1.0, rel=0.01)
+    assert 0 < hero_partial["flop_share"] < 0.5  # one shallow block of three, a quarter refreshed
     table = blocks.markdown(result, "python -m bench.blocks")
     assert all(f"| {name} |" in table for name in calls)

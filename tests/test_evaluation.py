@@ -84,6 +84,19 @@ def heldout(tiny):
     return evaluate(tiny, EvalConfig(scenes=2, steps=1, batch_size=2), keep_rollouts=True)
 
 
+def test_every_scored_sample_under_hero_is_accelerated_not_its_calibration():
+    """HERO's presets calibrate their split on the first generation of a shape, at full compute;
+    the evaluation runs that generation unscored, so the scored batch is a HERO one."""
+    from hero import hero_stats
+
+    model = load_tiny()
+    apply_accel(model, "hero")
+    evaluate(model, EvalConfig(scenes=2, steps=8, batch_size=2))
+    stats = hero_stats(model)
+    assert stats["calibration_run"] is False
+    assert stats["partial_steps"] > 0
+
+
 def test_heldout_summary_matches_an_independent_computation(heldout):
     assert [s["seed"] for s in heldout.scenes] == [HELDOUT_SEED_BASE, HELDOUT_SEED_BASE + 1]
     for scene, rollout, clip in zip(heldout.scenes, heldout.rollouts, heldout.truths):

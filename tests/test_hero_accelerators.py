@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from hero.accelerators import ACCELERATORS, apply_accelerator
-from hero.cache.tiny import sample, tiny_cogvideox
+from bench.tiny_transformers import sample, tiny_cogvideox
 
 STEPS = 8
-BUILT_IN = ("none", "hero", "hero-fast", "hero-quality", "pab", "pab-fast", "fastercache", "fbc",
-            "fbc-fast", "taylorseer", "taylorseer-fast", "magcache")
-
+BUILT_IN = ("none", "hero", "hero-fast", "hero-quality", "hero-turbo", "pab", "pab-fast",
+            "fastercache", "fbc", "fbc-fast", "taylorseer", "taylorseer-fast", "magcache")
 
 
 @pytest.fixture(scope="module")

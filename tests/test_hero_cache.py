@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from hero.cache import (HeroConfig, StepMode, apply_hero, hero_stats, remove_hero, reset_hero,
                         schedule)
 from hero.cache.hooks import root_hook
-from hero.cache.tiny import TinyVideoModel, tiny_cogvideox, tiny_wan
+from bench.tiny_transformers import TinyVideoModel, tiny_cogvideox, tiny_wan
 
 FAMILIES = {"cogvideox": tiny_cogvideox, "wan": tiny_wan}
 
@@ -30,6 +31,18 @@ def drifting_latents(model: TinyVideoModel, num_steps: int, batch: int = 1, seed
 def run(model: TinyVideoModel, inputs: list[torch.Tensor], text: torch.Tensor,
         context: str = "cond") -> list[torch.Tensor]:
     return [model(x, text, step, len(inputs), context) for step, x in enumerate(inputs)]
+
+
+def counted_run(model: TinyVideoModel, inputs: list[torch.Tensor], text: torch.Tensor,
+                config: HeroConfig) -> tuple[int, dict[str, Any]]:
+    """A run with HERO applied: the FLOPs torch's counter saw around it, and HERO's own stats."""
+    apply_hero(model.transformer, config)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            run(model, inputs, text)
+        return counter.get_total_flops(), hero_stats(model.transformer)
+    finally:
+        remove_hero(model.transformer)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -54,6 +67,8 @@ def test_all_full_schedule_is_bit_identical(family):
 
 @pytest.mark.parametrize("kv_mode", ["recompute_kv", "cached_kv"])
 def test_refreshing_every_token_matches_full(family, kv_mode):
+    """Exact where every key/value is recomputed; CogVideoX's condition tokens keep the last FULL
+    step's keys/values under ``cached_kv``, so there the output is close, not equal."""
     model, inputs, text, reference = family
     num_layers = len(root_free_blocks(model))
     apply_hero(model.transformer, HeroConfig(rho=1.0, split=num_layers, kv_mode=kv_mode))
@@ -63,8 +78,10 @@ def test_refreshing_every_token_matches_full(family, kv_mode):
     finally:
         remove_hero(model.transformer)
     assert stats["partial_steps"] == schedule(len(inputs), HeroConfig()).count(StepMode.PARTIAL)
+    exact = kv_mode == "recompute_kv" or stats["model_family"] == "wan"
     for a, b in zip(outputs, reference):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-5 if exact else 0.05, atol=1e-5 if exact else 0.05)
+    assert exact or not torch.allclose(outputs[2], reference[2], atol=1e-5)
 
 
 def test_partial_steps_approximate_and_full_steps_stay_exact(family):
@@ -162,7 +179,7 @@ def test_cfg_contexts_keep_separate_caches(family):
 
 def test_batch_rows_do_not_leak():
     model = tiny_cogvideox()
-    config = HeroConfig(rate_weight=1.0)
+    config = HeroConfig(shallow_forecast="linear")
     first = drifting_latents(model, 6, 1, seed=0)
     partners = [drifting_latents(model, 6, 1, seed=s) for s in (3, 4)]
     text = model.text(1).expand(2, -1, -1)
@@ -275,11 +292,13 @@ def test_step_counting_without_step_index_in_the_context():
     assert (stats["full_steps"], stats["partial_steps"]) == (2, 0)
 
 
-def test_default_preset_executes_at_most_58_percent_of_full_flops_at_42_blocks():
+@pytest.mark.parametrize("split,bound", [(14, 0.45), (1, 0.40)])
+def test_default_preset_executes_under_half_of_full_flops_at_42_blocks(split, bound):
     """Aether's proportions (42 blocks; tokens/width ~ 5; text ~ 1.3% of tokens; 4x feed-forward),
-    narrow and short. Shapes are static and the schedule data-independent, so the FLOPs of a
-    50-step sampling are those of its FULL and PARTIAL calls times their counts: both kinds are
-    counted here with torch's FLOP counter on real calls of the hooked model."""
+    narrow and short, with the paper's third of the blocks shallow and with the one shallow block
+    the probe picks on a flat forecast-error profile. Shapes are static and the schedule
+    data-independent, so the FLOPs of a 50-step sampling are those of its FULL and PARTIAL calls
+    times their counts: both kinds are counted here with torch's FLOP counter on real calls."""
     model = tiny_cogvideox(num_layers=42, heads=2, head_dim=16, frames=2, height=16, width=20,
                            text_tokens=2, channels=8)
     text = model.text(1)
@@ -287,7 +306,9 @@ def test_default_preset_executes_at_most_58_percent_of_full_flops_at_42_blocks()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, text, 0, 50)
     unhooked = counter.get_total_flops()
-    config = HeroConfig.preset("default")
+    config = HeroConfig.preset("default", split=split)
+    modes = schedule(50, config)
+    assert modes[:4] == [StepMode.FULL, StepMode.PARTIAL, StepMode.PARTIAL, StepMode.FULL]
     apply_hero(model.transformer, config)
     try:
         per_step = []
@@ -299,13 +320,12 @@ def test_default_preset_executes_at_most_58_percent_of_full_flops_at_42_blocks()
         stats = hero_stats(model.transformer)
     finally:
         remove_hero(model.transformer)
-    full, partial = per_step[0], per_step[2]
-    assert per_step[1] == per_step[3] == full == unhooked
-    modes = schedule(50, config)
+    full, partial = per_step[0], per_step[1]
+    assert per_step[2] == partial and per_step[3] == full == unhooked
     executed = modes.count(StepMode.FULL) * full + modes.count(StepMode.PARTIAL) * partial
     ratio = executed / (50 * full)
-    assert 0.5 < ratio <= 0.58, ratio
-    assert stats["flops_ratio"] == pytest.approx((3 * full + partial) / (4 * full))
+    assert 0.3 < ratio <= bound, ratio
+    assert stats["flops_ratio"] == pytest.approx((2 * full + 2 * partial) / (4 * full))
     json.dumps(stats)
 
 
@@ -314,15 +334,8 @@ def test_every_call_of_a_kind_executes_the_same_flops():
     the schedule's counts (static shapes, data-independent schedule)."""
     model = tiny_cogvideox(num_layers=3)
     inputs, text = drifting_latents(model, 9), model.text(1)
-    config = HeroConfig(rate_weight=1.0)
-    apply_hero(model.transformer, config)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            run(model, inputs, text)
-        stats = hero_stats(model.transformer)
-    finally:
-        remove_hero(model.transformer)
-    assert counter.get_total_flops() == stats["flops_executed"]
+    counted, stats = counted_run(model, inputs, text, HeroConfig(shallow_forecast="linear"))
+    assert counted == stats["flops_executed"]
     assert stats["flops_ratio"] < 1.0
 
 
@@ -353,3 +366,83 @@ def test_compiled_hero_does_not_recompile_per_step():
         torch._dynamo.reset()
     assert graphs[3] > 0
     assert graphs[3] == graphs[-1] == after, graphs
+
+
+@pytest.mark.parametrize("positions,exact", [("timestep", True), ("step", False)])
+def test_extrapolation_follows_a_non_uniform_schedule_in_timestep_positions(positions, exact):
+    """Deep residual linear in the timestep, timesteps spaced unevenly (as flow-matching samplers
+    space them): exact in timestep positions, not in step positions."""
+    model = tiny_cogvideox(num_layers=3)
+    dim = model.transformer.config.num_attention_heads * model.transformer.config.attention_head_dim
+    model.transformer.transformer_blocks = nn.ModuleList(AffineBlock(dim, s) for s in range(3))
+    start, direction = model.latents(1, 0), model.latents(1, 1)
+    timesteps = [999.0 * (1 - (step / 10) ** 2) for step in range(10)]
+    text = model.text(1)
+
+    def call(step: int) -> torch.Tensor:
+        x = start + direction * timesteps[step] / 999
+        with torch.no_grad(), model.transformer.cache_context("cond", step_index=step,
+                                                              num_inference_steps=10):
+            return model.transformer(hidden_states=x, encoder_hidden_states=text,
+                                     timestep=torch.tensor([timesteps[step]]),
+                                     image_rotary_emb=model.rotary(x), return_dict=False)[0]
+
+    reference = [call(step) for step in range(10)]
+    config = HeroConfig(split=0, warmup_steps=2, interval=3, final_full_steps=1,
+                        positions=positions)
+    apply_hero(model.transformer, config)
+    try:
+        outputs = [call(step) for step in range(10)]
+    finally:
+        remove_hero(model.transformer)
+    modes = schedule(10, config)
+    error = max(float((a - b).abs().max()) for mode, a, b in zip(modes, outputs, reference)
+                if mode is StepMode.PARTIAL)
+    assert (error < 1e-4) is exact, error
+
+
+def test_verified_schedule_promotes_the_step_after_a_drifting_partial_step():
+    model = tiny_cogvideox(num_layers=3)
+    inputs, text = drifting_latents(model, 12), model.text(1)
+    counts = {}
+    for threshold in (None, 1e9, 1e-9):
+        counted, stats = counted_run(
+            model, inputs, text, HeroConfig(interval=4, split=1, verify_threshold=threshold))
+        assert counted == stats["flops_executed"], "shapes stay static"
+        counts[threshold] = (stats["full_steps"], stats["partial_steps"])
+    static = schedule(12, HeroConfig(interval=4))
+    static_counts = (static.count(StepMode.FULL), static.count(StepMode.PARTIAL))
+    assert counts[None] == counts[1e9] == static_counts
+    # every forecast misses by more than 1e-9: each PARTIAL step is followed by a FULL one
+    assert counts[1e-9] == (7, 5), counts  # F F P F P F P F P F P F
+
+
+def test_auto_split_calibrates_on_the_first_generation_and_is_cached(tmp_path):
+    model = tiny_cogvideox(num_layers=4)
+    inputs, text = drifting_latents(model, 6), model.text(1)
+    reference = run(model, inputs, text)
+    config = HeroConfig(split="auto", calibration_dir=str(tmp_path))
+    apply_hero(model.transformer, config)
+    try:
+        calibrating = run(model, inputs, text)
+        first = hero_stats(model.transformer)
+        run(model, inputs, text)
+        second = hero_stats(model.transformer)
+    finally:
+        remove_hero(model.transformer)
+    assert all(torch.equal(a, b) for a, b in zip(calibrating, reference)), "calibration is full"
+    assert (first["full_steps"], first["partial_steps"]) == (6, 0)
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and "grid2x4x4_text4_steps6" in files[0].name
+    split = json.loads(files[0].read_text())["split"]
+    assert first["calibration_run"] and first["split"] == second["split"] == split
+    assert not second["calibration_run"] and second["partial_steps"] == 2
+    apply_hero(model.transformer, config)  # a new application reads the cached calibration
+    try:
+        run(model, inputs, text)
+        assert hero_stats(model.transformer)["partial_steps"] == 2
+        run(model, drifting_latents(model, 8), text)  # another shape: calibrated anew
+        assert hero_stats(model.transformer)["partial_steps"] == 0
+    finally:
+        remove_hero(model.transformer)
+    assert len(list(tmp_path.glob("*.json"))) == 2

@@ -13,15 +13,17 @@ import torch.nn.functional as F
 from hero.cache import (HeroConfig, StepMode, apply_hero, choose_split, hero_stats, remove_hero,
                         run_probe, schedule)
 from hero.cache.attention import attention
-from hero.cache.extrapolate import ResidualHistory, extrapolate_linear
+from hero.cache.extrapolate import ResidualHistory
 from hero.cache.refresh import RefreshTracker, build_layout
-from hero.cache.tiny import sample, tiny_cogvideox
+from bench.tiny_transformers import sample, tiny_cogvideox
 
 
 
 @pytest.mark.parametrize("field,value,message", [
     ("rho", 0.3, "whole number"), ("rho", 0.0, "rho"), ("warmup_steps", 0, "warmup_steps"),
-    ("interval", 0, "interval"), ("split", "deep", "split"), ("split", "auto", "calibration_path"),
+    ("interval", 0, "interval"), ("split", "deep", "split"),
+    ("verify_threshold", 0.0, "verify_threshold"),
+    ("positions", "sigma", "positions"), ("shallow_forecast", "cubic", "shallow_forecast"),
     ("kv_mode", "reuse", "kv_mode"), ("attention_backend", "xformers", "attention_backend"),
     ("patch_size", (1, 0, 2), "patch_size"),
 ])
@@ -39,16 +41,16 @@ def test_flash_backend_needs_flash_attn():
 
 def test_presets_are_valid_and_ordered_by_cost():
     fractions = {}
-    for name in ("fast", "default", "quality"):
+    for name in ("turbo", "fast", "default", "quality"):
         config = HeroConfig.preset(name)
         assert config.preset_name == name
         json.dumps(config.to_dict())
         modes = schedule(50, config)
         fractions[name] = modes.count(StepMode.PARTIAL) / 50 * (1 - config.rho)
-    assert fractions["fast"] > fractions["default"] > fractions["quality"] > 0
+    assert fractions["turbo"] > fractions["fast"] > fractions["default"] > fractions["quality"] > 0
     assert HeroConfig.preset("default", rho=0.5).rho == 0.5
     with pytest.raises(ValueError, match="unknown HERO preset"):
-        HeroConfig.preset("turbo")
+        HeroConfig.preset("warp")
 
 
 def test_schedule_is_warmup_alternation_and_tail():
@@ -87,11 +89,11 @@ def test_patch_sampling_takes_the_same_count_from_every_patch_and_rotates():
     assert torch.equal(seen, torch.ones_like(seen)), "four one-in-four steps cover every token once"
 
 
-def test_stalest_tokens_win_and_rate_breaks_equal_staleness():
+def test_stalest_tokens_win():
     layout = build_layout((1, 2, 2), (1, 2, 2), 1)
-    tracker = RefreshTracker(layout, batch_size=2, device="cpu", rate_weight=1.0)
+    tracker = RefreshTracker(layout, batch_size=2, device="cpu")
     tracker.staleness[0] = torch.tensor([0.0, 3.0, 1.0, 2.0])
-    tracker.rate[1] = torch.tensor([0.1, 0.1, 5.0, 0.1])
+    tracker.staleness[1] = torch.tensor([0.0, 0.0, 4.0, 0.0])
     assert tracker.select().tolist() == [[1], [2]]
 
 
@@ -110,22 +112,20 @@ def test_uneven_grids_keep_a_static_refresh_count():
     assert torch.equal(twin.select(), RefreshTracker(layout, 1, "cpu").select())
 
 
-def test_linear_extrapolation_with_uneven_step_positions():
-    def line(s: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.full((2, 3), 1.0 + 0.5 * s), torch.full((2, 1), -2.0 * s)
+def test_linear_extrapolation_with_uneven_positions():
+    def line(s: float) -> torch.Tensor:
+        return torch.full((2, 3, 4), 1.0 + 0.5 * s)
 
-    predicted = extrapolate_linear(7.0, 4.0, line(4.0), 1.0, line(1.0))
-    for got, want in zip(predicted, line(7.0)):
-        torch.testing.assert_close(got, want)
     history = ResidualHistory()
     with pytest.raises(RuntimeError, match="FULL"):
-        history.predict(1.0)
-    history.push(0.0, line(0.0))
-    assert torch.equal(history.predict(3.0)[0], line(0.0)[0]), "one FULL step: hold"
-    for step in (1.0, 3.0):
-        history.push(step, line(step))
+        history.predict(torch.tensor(1.0))
+    history.push(torch.tensor(0.0), line(0.0))
+    assert torch.equal(history.predict(torch.tensor(3.0)), line(0.0)), "one FULL step: hold"
+    for position in (1.0, 4.0):
+        history.push(torch.tensor(position), line(position))
     assert len(history) == 2
-    torch.testing.assert_close(history.predict(4.0)[0], line(4.0)[0])
+    torch.testing.assert_close(history.predict(torch.tensor(7.0)), line(7.0))
+    torch.testing.assert_close(history.predict(torch.tensor(-2.0)), line(-2.0))
 
 
 def test_sdpa_attention_matches_torch_layout():
@@ -135,9 +135,11 @@ def test_sdpa_attention_matches_torch_layout():
     torch.testing.assert_close(attention(q, k, v, "sdpa"), expected)
 
 
-def test_choose_split_cuts_variable_shallow_from_stable_deep():
+def test_choose_split_cuts_badly_forecast_shallow_from_well_forecast_deep():
     assert choose_split([1.0, 0.9, 0.8, 0.1, 0.12, 0.09]) == 3
-    assert choose_split([0.1, 0.1, 1.0, 1.0]) == 4, "deep not more stable: nothing extrapolated"
+    assert choose_split([0.1, 0.1, 1.0, 1.0]) == 1, "deep not forecast better: least refresh"
+    flat = [0.052, 0.035, 0.048, 0.048, 0.049, 0.046, 0.044, 0.044, 0.044, 0.042, 0.037, 0.04]
+    assert choose_split(flat) == 1, "a flat profile (the trained toyworld's) has no real cut"
     assert choose_split([5.0, 0.01, 0.01, 0.01], min_shallow=2) == 2
 
 
@@ -149,7 +151,8 @@ def test_probe_writes_a_plot_and_a_calibration_hero_loads(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     calibration = json.loads((tmp_path / "probe" / "calibration.json").read_text())
     assert calibration["num_layers"] == 4 and calibration["num_steps"] == 5
-    assert len(calibration["per_step"][0]) == 4
+    assert len(calibration["per_step"][0]) == 3  # a forecast from two steps: steps 2, 3, 4
+    assert len(calibration["change"]) == 4
     assert all(math.isfinite(v) and v > 0 for v in calibration["profile"])
     assert calibration["split"] == result["split"] == choose_split(calibration["profile"])
     config = HeroConfig(split="auto", calibration_path=result["calibration_path"])

@@ -1,22 +1,25 @@
 """What the baseline caches share: their step schedule, a root hook that follows the denoising step
-of every cache context, and per-context state that starts afresh with every generation.
+of every cache context, per-context state that starts afresh with every generation, and one
+install / remove / statistics path.
 
-The root hook sits on the transformer, reads the step from diffusers' ``cache_context`` (or counts
-calls when the context lacks it), resets the context's state when a new generation starts or an
-input shape changes, and tells the block hooks what to do on this call: run everything (``FULL``),
-recompute some tokens (``PARTIAL``) or reuse every cached residual (``REUSE``).
+The root hook sits on the transformer, takes the step from :class:`~hero.cache.hooking.StepClock`
+(the cache context's step index, or counted calls), resets the context's state when a new
+generation starts or an input shape changes, and tells the block hooks what to do on this call:
+run everything (``FULL``), recompute some tokens (``PARTIAL``) or reuse every cached residual
+(``REUSE``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import torch
-from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
+from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 from torch import nn
 
-from hero.cache.adapters import BlockAdapter, bind_model_inputs
-from hero.cache.hooks import drop_empty_registries
+from hero.cache.adapters import BlockAdapter, adapter_for, bind_model_inputs
+from hero.cache.hooking import StepClock, find_hook, input_signature, install_hooks, uninstall_hooks
 
 FULL, PARTIAL, REUSE = "full", "partial", "reuse"
 
@@ -24,7 +27,7 @@ FULL, PARTIAL, REUSE = "full", "partial", "reuse"
 def is_full_step(step: int, num_steps: int | None, warmup_steps: int, interval: int,
                  final_full_steps: int) -> bool:
     """FULL during warm-up, on the last ``final_full_steps`` steps and every ``interval``-th step
-    after warm-up; data-independent (the same rule as HERO's schedule)."""
+    after warm-up; data-independent (the same rule as HERO's static schedule)."""
     if step < warmup_steps:
         return True
     if num_steps is not None and step >= num_steps - final_full_steps:
@@ -36,8 +39,7 @@ class StepState(BaseState):
     """One cache context's step position, mode, caches and counters within one generation."""
 
     def __init__(self) -> None:
-        self.signature: tuple | None = None
-        self.counted_steps = 0
+        self.clock = StepClock()
         self.start()
 
     def start(self) -> None:
@@ -75,7 +77,12 @@ class ContextStates(StateManager):
         return dict(self._state_cache)
 
 
-Plan = Callable[[int, "int | None"], str]
+class BaselineConfig(Protocol):
+    """What every baseline config offers the shared root hook."""
+
+    num_inference_steps: int | None
+
+    def mode(self, step: int, num_steps: int | None) -> str: ...
 
 
 class StepRootHook(ModelHook):
@@ -83,28 +90,25 @@ class StepRootHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, state_manager: ContextStates, adapter: BlockAdapter, plan: Plan,
-                 num_inference_steps: int | None) -> None:
+    def __init__(self, state_manager: ContextStates, adapter: BlockAdapter,
+                 config: BaselineConfig) -> None:
         super().__init__()
         self.state_manager = state_manager
         self.adapter = adapter
-        self.plan = plan
-        self.num_inference_steps = num_inference_steps
+        self.config = config
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         context = self.state_manager.context
         state: StepState = self.state_manager.get_state()
         inputs = bind_model_inputs(module, args, kwargs)
-        signature = _signature(inputs)
-        num_steps = context.num_inference_steps or self.num_inference_steps
-        step = _step_index(context, state, signature, num_steps)
-        fresh = signature != state.signature or step <= state.step
-        if fresh:
-            state.signature = signature
+        position = state.clock.advance(context, input_signature(inputs),
+                                       self.config.num_inference_steps)
+        if position.new_generation:
             state.start()
         state.grid = self.adapter.token_grid(module, inputs)
-        state.mode = FULL if fresh else self.plan(step, num_steps)
-        state.step = step
+        state.mode = FULL if position.new_generation else \
+            self.config.mode(position.step, position.num_steps)
+        state.step = position.step
         return args, kwargs
 
     def reset_state(self, module: nn.Module) -> nn.Module:
@@ -112,46 +116,45 @@ class StepRootHook(ModelHook):
         return module
 
 
-def _signature(inputs: dict[str, Any]) -> tuple:
-    """Every tensor input's name, shape, dtype and device: caches are reusable only if all agree."""
-    return tuple((name, tuple(value.shape), str(value.dtype), str(value.device))
-                 for name, value in inputs.items() if isinstance(value, torch.Tensor))
+BlockHookFactory = Callable[[ContextStates, BlockAdapter, Any, int], ModelHook]
 
 
-def _step_index(context: CacheContext, state: StepState, signature: tuple,
-                num_steps: int | None) -> int:
-    """The context's step index, or the number of calls of this context so far when it has none."""
-    if context.step_index is not None:
-        return int(context.step_index)
-    if signature != state.signature:
-        state.counted_steps = 0
-    step = state.counted_steps if num_steps is None else state.counted_steps % num_steps
-    state.counted_steps = step + 1
-    return step
+@dataclass(frozen=True)
+class Baseline:
+    """How one baseline installs: its name (for messages), hook names, per-context state class and
+    the factory of its block hooks ``(state_manager, adapter, config, block_index) -> hook``."""
 
+    name: str
+    root_hook: str
+    block_hook: str
+    state_class: type[StepState]
+    make_block_hook: BlockHookFactory
 
-def register(transformer: nn.Module, adapter: BlockAdapter, root: ModelHook, root_name: str,
-             block_hooks: list[ModelHook], block_name: str) -> None:
-    """Register ``root`` on the transformer and ``block_hooks[i]`` on block ``i``."""
-    for block, hook in zip(adapter.blocks(transformer), block_hooks):
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, block_name)
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    registry.register_hook(root, root_name)
-    registry.invalidate_child_registries_cache()
+    def apply(self, transformer: nn.Module, config: BaselineConfig) -> None:
+        """Install the baseline; calls must then run under ``cache_context``."""
+        if find_hook(transformer, self.root_hook) is not None:
+            raise ValueError(f"{self.name} is already applied to this transformer; remove it first")
+        adapter = adapter_for(transformer)
+        manager = ContextStates(self.state_class)
+        blocks = adapter.blocks(transformer)
+        install_hooks(transformer,
+                      [(block, self.block_hook, self.make_block_hook(manager, adapter, config, i))
+                       for i, block in enumerate(blocks)],
+                      (self.root_hook, StepRootHook(manager, adapter, config)))
 
+    def remove(self, transformer: nn.Module) -> None:
+        """Remove the hooks and state; the model's own ``forward`` methods are back as they were."""
+        if find_hook(transformer, self.root_hook) is not None:
+            uninstall_hooks(transformer, (self.root_hook, self.block_hook),
+                            adapter_for(transformer).blocks(transformer))
 
-def unregister(transformer: nn.Module, adapter: BlockAdapter, names: tuple[str, ...]) -> None:
-    """Remove hooks ``names`` everywhere; modules left with no hook get their own forward back."""
-    registry = transformer._diffusers_hook
-    for name in names:
-        registry.remove_hook(name, recurse=True)
-    registry.invalidate_child_registries_cache()
-    drop_empty_registries([transformer, *adapter.blocks(transformer)])
-
-
-def find_hook(transformer: nn.Module, name: str) -> ModelHook | None:
-    registry = getattr(transformer, "_diffusers_hook", None)
-    return None if registry is None else registry.get_hook(name)
+    def stats(self, transformer: nn.Module) -> dict[str, Any]:
+        """Skipped block-token fraction and cache bytes of the latest generation, per context and
+        in total."""
+        hook = find_hook(transformer, self.root_hook)
+        if hook is None:
+            raise ValueError(f"{self.name} is not applied to this {type(transformer).__name__}")
+        return summarize_states(hook.state_manager.states())
 
 
 def summarize_states(states: dict[str, StepState]) -> dict[str, Any]:

@@ -16,13 +16,8 @@ import torch
 from diffusers.hooks.hooks import ModelHook
 from torch import nn
 
-from hero.baselines.common import (FULL, REUSE, ContextStates, StepRootHook, StepState,
-                                   find_hook, is_full_step, register, summarize_states,
-                                   unregister)
-from hero.cache.adapters import BlockAdapter, adapter_for
-
-ROOT_HOOK = "fora_root"
-BLOCK_HOOK = "fora_block"
+from hero.baselines.common import FULL, REUSE, Baseline, ContextStates, StepState, is_full_step
+from hero.cache.adapters import BlockAdapter
 
 
 @dataclass
@@ -72,7 +67,8 @@ class ForaState(StepState):
 class ForaBlockHook(ModelHook):
     """Block ``index``: run and cache its residual on FULL steps, add the cached residual otherwise."""
 
-    def __init__(self, state_manager: ContextStates, adapter: BlockAdapter, index: int) -> None:
+    def __init__(self, state_manager: ContextStates, adapter: BlockAdapter, config: ForaConfig,
+                 index: int) -> None:
         super().__init__()
         self.state_manager = state_manager
         self.adapter = adapter
@@ -95,27 +91,19 @@ class ForaBlockHook(ModelHook):
         return output
 
 
+FORA = Baseline("FORA", "fora_root", "fora_block", ForaState, ForaBlockHook)
+
+
 def apply_fora(transformer: nn.Module, config: ForaConfig | None = None) -> None:
     """Accelerate ``transformer`` with FORA; calls must then run under ``cache_context``."""
-    config = config or ForaConfig()
-    if find_hook(transformer, ROOT_HOOK) is not None:
-        raise ValueError("FORA is already applied to this transformer; call remove_fora first")
-    adapter = adapter_for(transformer)
-    manager = ContextStates(ForaState)
-    blocks = [ForaBlockHook(manager, adapter, i) for i in range(len(adapter.blocks(transformer)))]
-    root = StepRootHook(manager, adapter, config.mode, config.num_inference_steps)
-    register(transformer, adapter, root, ROOT_HOOK, blocks, BLOCK_HOOK)
+    FORA.apply(transformer, config or ForaConfig())
 
 
 def remove_fora(transformer: nn.Module) -> None:
     """Remove FORA's hooks and state; the model's own ``forward`` methods are back as they were."""
-    if find_hook(transformer, ROOT_HOOK) is not None:
-        unregister(transformer, adapter_for(transformer), (ROOT_HOOK, BLOCK_HOOK))
+    FORA.remove(transformer)
 
 
 def fora_stats(transformer: nn.Module) -> dict[str, Any]:
     """Skipped block-token fraction and cache bytes of the latest generation, per context and total."""
-    hook = find_hook(transformer, ROOT_HOOK)
-    if hook is None:
-        raise ValueError(f"FORA is not applied to this {type(transformer).__name__}")
-    return summarize_states(hook.state_manager.states())
+    return FORA.stats(transformer)

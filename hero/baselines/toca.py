@@ -28,13 +28,10 @@ from diffusers.hooks.hooks import ModelHook
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
-from hero.baselines.common import (FULL, PARTIAL, REUSE, ContextStates, StepRootHook, StepState,
-                                   find_hook, is_full_step, register, summarize_states,
-                                   unregister)
-from hero.cache.adapters import BlockAdapter, BlockInputs, adapter_for, reuse_residuals
+from hero.baselines.common import (FULL, PARTIAL, REUSE, Baseline, ContextStates, StepState,
+                                   is_full_step)
+from hero.cache.adapters import BlockAdapter, BlockInputs, Selection, reuse_residuals
 
-ROOT_HOOK = "toca_root"
-BLOCK_HOOK = "toca_block"
 SCORES = ("attention", "random")
 
 
@@ -224,8 +221,9 @@ class TocaBlockHook(ModelHook):
     def _partial(self, module: nn.Module, cache: BlockCache, inputs: BlockInputs,
                  index: torch.Tensor) -> Any:
         """Tokens ``index`` through the block (keys/values from every token); the rest reuse."""
-        part = self.adapter.partial_forward(module, inputs, index, None, "sdpa")
-        hidden = reuse_residuals(inputs.hidden, cache.hidden, index, part)
+        selection = Selection(index)
+        part = self.adapter.partial_forward(module, inputs, selection, None, "sdpa")
+        hidden = reuse_residuals(inputs.hidden, cache.hidden, selection, part)
         if part.encoder is not None:
             cache.encoder = part.encoder - inputs.encoder
         cache.staleness.add_(1.0).scatter_(1, index, 0.0)
@@ -274,28 +272,19 @@ def cell_ids(grid: tuple[int, int, int], cell: tuple[int, int, int]) -> torch.Te
     return ids.reshape(1, -1)
 
 
+TOCA = Baseline("ToCa", "toca_root", "toca_block", TocaState, TocaBlockHook)
+
+
 def apply_toca(transformer: nn.Module, config: TocaConfig | None = None) -> None:
     """Accelerate ``transformer`` with ToCa/DuCa; calls must then run under ``cache_context``."""
-    config = config or TocaConfig()
-    if find_hook(transformer, ROOT_HOOK) is not None:
-        raise ValueError("ToCa is already applied to this transformer; call remove_toca first")
-    adapter = adapter_for(transformer)
-    manager = ContextStates(TocaState)
-    blocks = [TocaBlockHook(manager, adapter, config, i)
-              for i in range(len(adapter.blocks(transformer)))]
-    root = StepRootHook(manager, adapter, config.mode, config.num_inference_steps)
-    register(transformer, adapter, root, ROOT_HOOK, blocks, BLOCK_HOOK)
+    TOCA.apply(transformer, config or TocaConfig())
 
 
 def remove_toca(transformer: nn.Module) -> None:
     """Remove ToCa's hooks and state; the model's own ``forward`` methods are back as they were."""
-    if find_hook(transformer, ROOT_HOOK) is not None:
-        unregister(transformer, adapter_for(transformer), (ROOT_HOOK, BLOCK_HOOK))
+    TOCA.remove(transformer)
 
 
 def toca_stats(transformer: nn.Module) -> dict[str, Any]:
     """Skipped block-token fraction and cache bytes of the latest generation, per context and total."""
-    hook = find_hook(transformer, ROOT_HOOK)
-    if hook is None:
-        raise ValueError(f"ToCa is not applied to this {type(transformer).__name__}")
-    return summarize_states(hook.state_manager.states())
+    return TOCA.stats(transformer)

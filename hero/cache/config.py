@@ -4,43 +4,56 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
 
 ATTENTION_BACKENDS = ("sdpa", "flash")
 KV_MODES = ("recompute_kv", "cached_kv")
+POSITIONS = ("timestep", "step")
+SHALLOW_FORECASTS = ("reuse", "linear")
 
 
 @dataclass
 class HeroConfig:
-    """How HERO accelerates a diffusion transformer (DESIGN §3).
+    """How HERO accelerates a diffusion transformer (DESIGN §3; ``docs/hero.md``).
 
     Schedule: step ``s`` of ``S`` is FULL when ``s < warmup_steps``, when
-    ``s >= S - final_full_steps``, or when ``(s - warmup_steps) % interval == interval - 1``;
-    otherwise it is PARTIAL. ``interval=1`` makes every step FULL (HERO then changes nothing).
+    ``s >= S - final_full_steps``, or when ``interval`` steps have passed since the last FULL step;
+    otherwise it is PARTIAL. ``interval=1`` makes every step FULL (HERO then changes nothing). With
+    ``verify_threshold`` the schedule also checks itself: on a PARTIAL step the refreshed shallow
+    tokens measure how far the forecast features are from the truth (relative error, worst batch
+    row) and, above the threshold, the next step runs FULL.
 
     Shallow blocks ``[0, k)`` refresh a fraction ``rho`` of the video tokens on PARTIAL steps: the
     T×H×W token grid is cut into ``patch_size`` patches and every patch refreshes
-    ``rho * prod(patch_size)`` tokens (which must be a whole number), stalest first; with
-    ``rate_weight > 0`` tokens whose cached residual changes fast are preferred too. Deep blocks
-    ``[k, L)`` are skipped on PARTIAL steps and their residual is extrapolated linearly from the
-    last two FULL steps.
+    ``rho * prod(patch_size)`` tokens (which must be a whole number), stalest first. The other
+    tokens take their cached residual (``shallow_forecast="reuse"``) or extrapolate it to first
+    order (``"linear"``). Condition (text) tokens are not recomputed on PARTIAL steps: their
+    keys/values are those of the last FULL step, like those of the video tokens not refreshed
+    (their outputs never reach the model's output); ``kv_mode="recompute_kv"``, which needs their
+    current hidden states, recomputes them. Deep blocks ``[k, L)`` are skipped on PARTIAL steps
+    and their residual is extrapolated linearly from the last two FULL steps
+    (:mod:`hero.cache.extrapolate`). Forecasts run in ``positions``: the call's ``"timestep"``
+    (non-uniform schedules are extrapolated along the curve they sample) or the ``"step"`` index.
+    The field defaults are the paper's reconstruction; :data:`PRESETS` are what measurement
+    picked.
 
-    ``split`` is ``k``: an int, ``"auto"`` (read from the probe's ``calibration_path`` JSON), or
-    None (``round(L * shallow_fraction)``). ``kv_mode`` says where the keys/values of a partial
-    shallow block come from: ``"cached_kv"`` (default) recomputes those of the refreshed and
-    condition tokens and reuses the ones cached for the rest (the same staleness as the reused
-    residuals; 2.4-2.8x HERO's cache memory); ``"recompute_kv"`` projects every token of the
-    block input (exact attention for the refreshed queries, 2% more FLOPs at Aether's shape).
+    ``split`` is ``k``: an int, ``"auto"`` (the feature-coupling probe's choice from how well each
+    block's residual is forecast: read from ``calibration_path``, or from the calibration cache in
+    ``calibration_dir`` keyed by model and shape, and measured on the first generation when
+    absent), or None (``round(L * shallow_fraction)``). ``kv_mode`` says where the keys/values of a
+    partial shallow block come from: ``"cached_kv"`` (default) recomputes those of the refreshed
+    tokens and reuses the cached ones for the rest; ``"recompute_kv"`` projects every token of the
+    block input (exact attention for the refreshed queries, more FLOPs, less cache memory).
     ``attention_backend`` is the kernel of HERO's block function: ``"sdpa"`` (torch) or
     ``"flash"`` (flash-attn, CUDA, half precision).
-    ``num_inference_steps`` is used only when the pipeline's ``cache_context`` does not carry it.
-    ``count_flops`` counts, with torch's FLOP counter, the first FULL and first PARTIAL call of each
-    input shape; ``compile`` runs the block computations through ``torch.compile`` with
-    ``compile_backend`` (static shapes, so no recompilation from step to step).
+    ``num_inference_steps`` is used only when neither the pipeline's ``cache_context`` nor its
+    scheduler (``apply_hero(pipeline)``) give the step count. ``count_flops`` counts, with torch's
+    FLOP counter, the first FULL and first PARTIAL call of each input shape; ``compile`` runs the
+    block computations through ``torch.compile`` with ``compile_backend`` (static shapes, so no
+    recompilation from step to step).
     """
 
     warmup_steps: int = 2
@@ -51,8 +64,10 @@ class HeroConfig:
     split: int | str | None = None
     shallow_fraction: float = 1 / 3
     calibration_path: str | None = None
-    rate_weight: float = 0.0
-    rate_momentum: float = 0.5
+    calibration_dir: str | None = None
+    verify_threshold: float | None = None
+    positions: str = "timestep"
+    shallow_forecast: str = "reuse"
     kv_mode: str = "cached_kv"
     attention_backend: str = "sdpa"
     num_inference_steps: int | None = None
@@ -81,14 +96,12 @@ class HeroConfig:
         _check(self.split is None or self.split == "auto" or
                (isinstance(self.split, int) and self.split >= 0), "split", self.split,
                'must be an int >= 0, "auto" or None')
-        _check(self.split != "auto" or self.calibration_path is not None, "calibration_path",
-               self.calibration_path, 'is required when split="auto"')
-        _check(self.rate_weight >= 0.0, "rate_weight", self.rate_weight, "must be >= 0")
-        _check(0.0 <= self.rate_momentum < 1.0, "rate_momentum", self.rate_momentum,
-               "must be in [0, 1)")
-        _check(self.kv_mode in KV_MODES, "kv_mode", self.kv_mode, f"must be one of {KV_MODES}")
-        _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
-               self.attention_backend, f"must be one of {ATTENTION_BACKENDS}")
+        _check(self.verify_threshold is None or self.verify_threshold > 0, "verify_threshold",
+               self.verify_threshold, "must be > 0 or None (static schedule)")
+        for name, choices in (("positions", POSITIONS), ("shallow_forecast", SHALLOW_FORECASTS),
+                              ("kv_mode", KV_MODES), ("attention_backend", ATTENTION_BACKENDS)):
+            _check(getattr(self, name) in choices, name, getattr(self, name),
+                   f"must be one of {choices}")
         if self.attention_backend == "flash" and importlib.util.find_spec("flash_attn") is None:
             raise ValueError('HeroConfig.attention_backend="flash" needs the flash-attn package '
                              "(CUDA only; `pip install flash-attn`); use \"sdpa\" otherwise")
@@ -100,18 +113,12 @@ class HeroConfig:
         """How many tokens every patch refreshes on a PARTIAL step."""
         return round(self.rho * math.prod(self.patch_size))
 
-    def resolve_split(self, num_layers: int) -> int:
-        """The number of shallow blocks ``k`` for a model with ``num_layers`` blocks."""
+    def resolve_split(self, num_layers: int) -> int | None:
+        """The number of shallow blocks ``k`` for a model with ``num_layers`` blocks; None for
+        ``"auto"``, which :mod:`hero.cache.calibration` resolves per input shape."""
         if self.split == "auto":
-            calibration = load_calibration(self.calibration_path)
-            if calibration["num_layers"] != num_layers:
-                raise ValueError(f"calibration {self.calibration_path} is for "
-                                 f"{calibration['num_layers']} blocks, the model has {num_layers}")
-            split = int(calibration["split"])
-        elif self.split is None:
-            split = round(num_layers * self.shallow_fraction)
-        else:
-            split = int(self.split)
+            return None
+        split = round(num_layers * self.shallow_fraction) if self.split is None else self.split
         if not 0 <= split <= num_layers:
             raise ValueError(f"HeroConfig.split={split} is outside [0, {num_layers}] for this "
                              "model")
@@ -125,34 +132,29 @@ class HeroConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> HeroConfig:
-        """A named preset (``"default"``, ``"fast"``, ``"quality"``), fields overridable."""
+        """A named preset (``"quality"``, ``"default"``, ``"fast"``, ``"turbo"``), fields
+        overridable."""
         if name not in PRESETS:
             raise ValueError(f"unknown HERO preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], "preset_name": name, **overrides})
 
 
-# FLOP ratios: Aether's shape, 50 steps (`python -m hero.cache.measure flops`)
+# Provisional (derived on the toyworld revision of 2026-11-22, which cannot see quality against the
+# truth; re-derive with `python -m bench.ablation` on new weights, docs/hero.md "Presets"). All take
+# one warm-up step (the first forecast holds, the next extrapolates over a whole interval), forecast
+# the shallow tokens they do not refresh to first order, and let the probe pick the split.
+_TUNED = dict(warmup_steps=1, final_full_steps=1, rho=0.25, patch_size=(1, 2, 2), split="auto",
+              shallow_forecast="linear")
 PRESETS: dict[str, dict[str, Any]] = {
-    # every other step PARTIAL, a quarter of the shallow tokens refreshed: 0.563 of full FLOPs
-    "default": dict(warmup_steps=2, final_full_steps=1, interval=2, rho=0.25, patch_size=(1, 2, 2)),
-    # two PARTIAL steps per FULL step: 0.417 of full FLOPs
-    "fast": dict(warmup_steps=2, final_full_steps=1, interval=3, rho=0.25, patch_size=(1, 2, 2)),
-    # longer warm-up and tail, half the shallow tokens refreshed: 0.636 of full FLOPs
-    "quality": dict(warmup_steps=4, final_full_steps=2, interval=2, rho=0.5, patch_size=(1, 2, 2)),
+    # one PARTIAL step per FULL step
+    "quality": dict(_TUNED, interval=2),
+    # two PARTIAL steps per FULL step
+    "default": dict(_TUNED, interval=3),
+    # three PARTIAL steps per FULL step
+    "fast": dict(_TUNED, interval=4),
+    # five PARTIAL steps per FULL step
+    "turbo": dict(_TUNED, interval=6),
 }
-
-
-def load_calibration(path: str | Path) -> dict[str, Any]:
-    """Read a feature-coupling calibration written by :func:`hero.cache.probe.save_calibration`."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"HERO calibration file {path} does not exist; run the probe "
-                                "(hero.cache.probe.run_probe) first") from None
-    for key in ("num_layers", "split", "profile"):
-        if key not in data:
-            raise ValueError(f"HERO calibration {path} lacks the field {key!r}")
-    return data
 
 
 def _check(ok: bool, name: str, value: Any, rule: str) -> None:

@@ -1,94 +1,127 @@
-"""HERO as diffusers hooks: ``apply_hero`` / ``remove_hero`` on a video diffusion transformer.
+"""HERO as diffusers hooks: ``apply_hero`` / ``remove_hero`` on a video diffusion transformer, or on
+a pipeline that holds one (``pipe.transformer`` with ``pipe.scheduler``).
 
-A root hook on the transformer decides, per call, FULL or PARTIAL from the cache context's step
-(data-independent), resets stale state, picks the tokens to refresh and keeps the statistics.
-Shallow-block hooks cache per-token residuals on FULL steps and, on PARTIAL steps, run the block on
-the refreshed tokens only and reuse cached residuals for the rest. Deep-block hooks record the deep
-stack's residual on FULL steps; on PARTIAL steps the first deep block returns ``x_k + D̂`` and the
-others pass their input through. One state per cache context (``"cond"``/``"uncond"``) lives in a
-diffusers ``StateManager``; caches keep the batch axis, so batched CFG rows stay apart too.
+A root hook on the transformer places every call in its generation (:class:`StepClock`), decides
+FULL or PARTIAL (:class:`~hero.cache.schedule.Schedule`: a data-independent rule, optionally
+checked by the drift the previous PARTIAL step measured), resets stale state, picks the tokens to
+refresh and keeps the statistics. A hook on every block plays the block's role for the current
+split: shallow blocks cache per-token residuals (and keys/values) on FULL steps and, on PARTIAL
+steps, run the block on the refreshed tokens only and forecast the rest; the first deep block
+records the deep stack's input and, on PARTIAL steps, returns it plus the forecast deep residual;
+the last one records that residual on FULL steps. One state per cache context (``"cond"`` /
+``"uncond"``) lives in a diffusers ``StateManager``; caches keep the batch axis, so batched CFG rows
+stay apart too. With ``split="auto"`` a generation whose shape has no calibration yet runs in full
+while the probe records, and the split it picks holds from the next generation on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
+from diffusers.hooks.hooks import BaseState, CacheContext, ModelHook, StateManager
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from hero.cache.adapters import (BlockAdapter, BlockInputs, KeyValue, adapter_for,
-                                 bind_model_inputs, gather_tokens, reuse_residuals)
+from hero.cache.adapters import (BlockAdapter, BlockInputs, KeyValue, Selection, adapter_for,
+                                 bind_model_inputs, call_timestep, gather_tokens, reuse_residuals,
+                                 write_tokens_)
+from hero.cache.calibration import calibration_file, load_calibration, model_fingerprint
 from hero.cache.config import HeroConfig
 from hero.cache.extrapolate import ResidualHistory
+from hero.cache.hooking import StepClock, find_hook, input_signature, install_hooks, uninstall_hooks
+from hero.cache.probe import CouplingRecorder, calibration_record, choose_split, save_calibration
 from hero.cache.refresh import RefreshTracker, build_layout
-from hero.cache.schedule import StepMode, step_mode
+from hero.cache.schedule import Schedule, StepMode
 from hero.cache.stats import GenerationStats, summarize
 
 ROOT_HOOK = "hero_root"
-SHALLOW_HOOK = "hero_shallow_block"
-DEEP_HOOK = "hero_deep_block"
-HOOK_NAMES = (ROOT_HOOK, SHALLOW_HOOK, DEEP_HOOK)
-RateSample = tuple[torch.Tensor, torch.Tensor]  # refreshed tokens' old and new residuals
+BLOCK_HOOK = "hero_block"
+HOOK_NAMES = (ROOT_HOOK, BLOCK_HOOK)
+
+
+class ShallowCache:
+    """One shallow block's per-token residual (latest computed value), keys/values
+    (``cached_kv``) and, for first-order forecasts, the residual's slope per unit of position."""
+
+    def __init__(self, residual: torch.Tensor) -> None:
+        self.residual = residual
+        self.key_value: KeyValue | None = None
+        self.slope: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.residual, self.slope, *(self.key_value or ())) if t is not None]
 
 
 class HeroState(BaseState):
     """Everything one cache context remembers within one generation."""
 
     def __init__(self) -> None:
-        self.signature: tuple | None = None
-        self.num_steps: int | None = None
-        self.next_counted_step = 0
-        self._clear()
+        self.clock = StepClock()
+        self.start_generation(None)
 
-    def _clear(self) -> None:
+    def start_generation(self, split: int | None) -> None:
+        """Forget every cached tensor and counter: a new generation (or new shapes) begins."""
+        self.split = split
+        self.recorder: CouplingRecorder | None = None
+        self.calibration_path: str | None = None
         self.step = -1
+        self.num_steps = 0
+        self.position: torch.Tensor | None = None
         self.mode = StepMode.FULL
+        self.last_full = -1
         self.counting = False
-        self.ready = False
         self.tracker: RefreshTracker | None = None
-        self.index: torch.Tensor | None = None
-        self.shallow_residuals: dict[int, torch.Tensor] = {}
-        self.key_values: dict[int, KeyValue] = {}
-        self.deep_input: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self.deep_history = ResidualHistory()
+        self.selection: Selection | None = None
+        self.computed_at: torch.Tensor | None = None
+        self.shallow: dict[int, ShallowCache] = {}
+        self.deep_input: torch.Tensor | None = None
+        self.deep_history: ResidualHistory | None = None
+        self.drift_error: torch.Tensor | None = None
+        self.drift_norm: torch.Tensor | None = None
+        self.drift: torch.Tensor | None = None
         self.stats = GenerationStats()
 
     def reset(self) -> None:
         self.__init__()
 
-    def start_generation(self, signature: tuple, num_steps: int) -> None:
-        self.signature, self.num_steps = signature, num_steps
-        self._clear()
-
     @property
     def nbytes(self) -> int:
-        tensors = [*self.shallow_residuals.values(),
-                   *(t for kv in self.key_values.values() for t in kv)]
-        total = sum(t.nbytes for t in tensors) + self.deep_history.nbytes
+        tensors = [t for cache in self.shallow.values() for t in cache.tensors()]
+        if self.computed_at is not None:
+            tensors.append(self.computed_at)
+        total = sum(t.nbytes for t in tensors)
+        total += self.deep_history.nbytes if self.deep_history is not None else 0
         return total + (self.tracker.nbytes if self.tracker is not None else 0)
 
 
 @dataclass
 class HeroRuntime:
-    """What every HERO hook of one model shares: config, adapter, split, compiled kernels."""
+    """What every HERO hook of one model shares: config, adapter, depth, the split (None while
+    ``"auto"`` has not resolved it for a shape), the step source and compiled kernels."""
 
     config: HeroConfig
     adapter: BlockAdapter
     num_layers: int
-    split: int
+    split: int | None
+    scheduler: Any = None
 
     def __post_init__(self) -> None:
         self.kernels = {name: self.compiled(kernel) if self.config.compile else kernel
                         for name, kernel in KERNELS.items()}
+        self.splits: dict[str, int] = {}
+        self.fingerprint: str | None = None
+        path = self.config.calibration_path
+        if self.split is None and path is not None and Path(path).exists():
+            self.splits[path] = int(load_calibration(path, self.num_layers)["split"])
 
     def compiled(self, function: Any) -> Any:
         return torch.compile(function, dynamic=False, backend=self.config.compile_backend)
 
-    def run_full(self, hook: ModelHook, state: HeroState, args: tuple, kwargs: dict[str, Any]
-                 ) -> Any:
+    def run_full(self, hook: HeroBlockHook, state: HeroState, args: tuple,
+                 kwargs: dict[str, Any]) -> Any:
         """The block's own forward: compiled when asked (blocks of one class share the compiled
         code), eager while the FLOP counter watches (fused kernels would hide operations)."""
         if not self.config.compile or state.counting:
@@ -101,21 +134,51 @@ class HeroRuntime:
         """HERO's own block function ``name``: compiled when asked, eager while counting."""
         return KERNELS[name] if state.counting else self.kernels[name]
 
+    def default_steps(self) -> int | None:
+        """The step count when the cache context lacks it: the pipeline scheduler's, else the
+        config's."""
+        steps = getattr(self.scheduler, "num_inference_steps", None)
+        return steps or self.config.num_inference_steps
+
+    def split_for(self, transformer: nn.Module, grid: tuple[int, int, int], text: int,
+                  num_steps: int) -> tuple[int | None, str | None]:
+        """The split of a generation, and where a calibration for it must be written when there
+        is none yet (``split="auto"``)."""
+        if self.split is not None:
+            return self.split, None
+        config = self.config
+        if config.calibration_path is not None:
+            path = config.calibration_path
+        else:
+            if self.fingerprint is None:
+                self.fingerprint = model_fingerprint(transformer)
+            path = str(calibration_file(self.fingerprint, grid, text, num_steps,
+                                        config.calibration_dir))
+        if path not in self.splits:
+            try:
+                self.splits[path] = int(load_calibration(path, self.num_layers)["split"])
+            except FileNotFoundError:
+                return None, path
+        return self.splits[path], None
+
 
 def _partial_block(adapter: BlockAdapter, block: nn.Module, inputs: BlockInputs,
-                   index: torch.Tensor, residual: torch.Tensor, key_value: KeyValue | None,
-                   backend: str, track_rate: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, KeyValue, RateSample | None]:
-    """A shallow block on a PARTIAL step: refreshed tokens recomputed, others reuse ``residual``
-    (brought up to date in place, like ``key_value`` when given).
+                   selection: Selection, residual: torch.Tensor, key_value: KeyValue | None,
+                   forecast: torch.Tensor | None, backend: str
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, KeyValue, torch.Tensor,
+                              torch.Tensor]:
+    """A shallow block on a PARTIAL step: the selected tokens recomputed, the others take
+    ``forecast`` (None: their cached ``residual``); ``residual`` and ``key_value`` are brought up
+    to date in place.
 
-    Returns the block's video and condition outputs, the keys/values it attended, and with
-    ``track_rate`` the refreshed tokens' old and new residuals (for rate-of-change tracking).
+    Returns the video and condition outputs, the keys/values attended, and the refreshed tokens'
+    new residuals beside what was forecast for them (the drift the schedule checks, and the
+    slope update of first-order forecasts).
     """
-    part = adapter.partial_forward(block, inputs, index, key_value, backend)
-    rate = (gather_tokens(residual, index), part.residual) if track_rate else None
-    hidden = reuse_residuals(inputs.hidden, residual, index, part)
-    return hidden, part.encoder, part.key_value, rate
+    part = adapter.partial_forward(block, inputs, selection, key_value, backend)
+    predicted = gather_tokens(residual if forecast is None else forecast, selection)
+    hidden = reuse_residuals(inputs.hidden, residual, selection, part, forecast)
+    return hidden, part.encoder, part.key_value, part.residual, predicted
 
 
 def _keyed_full_block(adapter: BlockAdapter, block: nn.Module, inputs: BlockInputs, backend: str
@@ -130,7 +193,8 @@ KERNELS = {kernel.__name__: kernel for kernel in (_partial_block, _keyed_full_bl
 
 
 class HeroRootHook(ModelHook):
-    """On the transformer: step bookkeeping, resets, token selection, FLOP counting, statistics."""
+    """On the transformer: step bookkeeping, resets, schedule, token selection, FLOP counting,
+    statistics (the last finished generation's outlive a pipeline's end-of-call reset)."""
 
     _is_stateful = True
 
@@ -138,7 +202,9 @@ class HeroRootHook(ModelHook):
         super().__init__()
         self.state_manager = state_manager
         self.runtime = runtime
+        self.schedule = Schedule(runtime.config)
         self.flop_table: dict[tuple, int] = {}
+        self.finished: dict[str, Any] | None = None
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         runtime, config = self.runtime, self.runtime.config
@@ -146,13 +212,17 @@ class HeroRootHook(ModelHook):
         state: HeroState = self.state_manager.get_state()
         inputs = bind_model_inputs(module, args, kwargs)
         grid = runtime.adapter.token_grid(module, inputs)
-        signature = _signature(grid, inputs)
-        step, num_steps = _position(context, state, config, signature)
-        if signature != state.signature or num_steps != state.num_steps or step <= state.step:
-            state.start_generation(signature, num_steps)
-        mode = step_mode(step, num_steps, config) if state.ready else StepMode.FULL
-        batch = int(inputs["hidden_states"].shape[0])
-        self._begin_step(state, step, mode, grid, batch, inputs["hidden_states"].device)
+        signature = (grid, input_signature(inputs))
+        position = state.clock.advance(context, signature, runtime.default_steps())
+        if position.num_steps is None:
+            raise ValueError(f"HERO needs the step count: call the transformer under cache_context("
+                             f"{context.name!r}, step_index=i, num_inference_steps=S), apply HERO "
+                             "to the pipeline (apply_hero(pipe)) or set "
+                             "HeroConfig.num_inference_steps")
+        if position.new_generation:
+            self._start_generation(module, state, grid, inputs, position.num_steps)
+        mode = self._mode(state, position.step)
+        self._begin_step(state, position.step, mode, grid, inputs, context)
         key = (signature, mode)
         state.counting = config.count_flops and key not in self.flop_table
         if state.counting:
@@ -164,18 +234,50 @@ class HeroRootHook(ModelHook):
             self.flop_table[key] = counter.get_total_flops()
         else:
             output = self.fn_ref.original_forward(*args, **kwargs)
-        self._end_step(state, signature, grid, batch)
+        self._end_step(state, signature, grid, int(inputs["hidden_states"].shape[0]))
         return output
 
+    def _start_generation(self, module: nn.Module, state: HeroState, grid: tuple[int, int, int],
+                          inputs: dict[str, Any], num_steps: int) -> None:
+        encoder = inputs.get("encoder_hidden_states")
+        text = 0 if encoder is None else int(encoder.shape[1])
+        split, calibrate_to = self.runtime.split_for(module, grid, text, num_steps)
+        state.start_generation(split)
+        state.num_steps = num_steps
+        if calibrate_to is not None:
+            state.recorder = CouplingRecorder(self.runtime.num_layers)
+            state.calibration_path = calibrate_to
+            state.stats.calibration = True
+        else:
+            state.deep_history = ResidualHistory()
+
+    def _mode(self, state: HeroState, step: int) -> StepMode:
+        """FULL while calibrating or before any FULL step; else what the schedule says, told
+        whether the last PARTIAL step's measured drift passed the threshold (one host sync)."""
+        if state.recorder is not None or state.last_full < 0:
+            return StepMode.FULL
+        drifted = state.drift is not None and \
+            float(state.drift) > self.runtime.config.verify_threshold
+        state.drift = None
+        return self.schedule.mode(step, state.num_steps, state.last_full, drifted)
+
     def _begin_step(self, state: HeroState, step: int, mode: StepMode, grid: tuple[int, int, int],
-                    batch: int, device: torch.device) -> None:
+                    inputs: dict[str, Any], context: CacheContext) -> None:
         config = self.runtime.config
+        hidden = inputs["hidden_states"]
+        timestep = call_timestep(inputs) if config.positions == "timestep" else None
+        state.position = timestep if timestep is not None else \
+            torch.tensor(float(step), device=hidden.device)
+        if state.recorder is not None:
+            state.recorder.position = state.position
         if state.tracker is None:
-            layout = build_layout(grid, config.patch_size, config.tokens_per_patch, device)
-            state.tracker = RefreshTracker(layout, batch, device, config.rate_weight,
-                                           config.rate_momentum)
+            layout = build_layout(grid, config.patch_size, config.tokens_per_patch, hidden.device)
+            state.tracker = RefreshTracker(layout, int(hidden.shape[0]), hidden.device)
         state.step, state.mode = step, mode
-        state.index = state.tracker.select() if mode is StepMode.PARTIAL else None
+        state.selection = Selection(state.tracker.select()) if mode is StepMode.PARTIAL else None
+        if mode is StepMode.PARTIAL and config.verify_threshold is not None:
+            state.drift_error = torch.zeros(int(hidden.shape[0]), device=hidden.device)
+            state.drift_norm = torch.zeros_like(state.drift_error)
 
     def _end_step(self, state: HeroState, signature: tuple, grid: tuple[int, int, int],
                   batch: int) -> None:
@@ -183,197 +285,239 @@ class HeroRootHook(ModelHook):
         full = state.mode is StepMode.FULL
         tokens = grid[0] * grid[1] * grid[2]
         refreshed = tokens if full else state.tracker.layout.num_refreshed
-        computed_blocks = runtime.num_layers if full else runtime.split
+        computed_blocks = runtime.num_layers if full else state.split
         state.stats.record(full, batch * tokens * runtime.num_layers,
                            batch * refreshed * computed_blocks,
                            self.flop_table.get((signature, state.mode)),
                            self.flop_table.get((signature, StepMode.FULL)))
-        state.tracker.advance(None if full else state.index)
-        state.index = None
-        state.ready = True
+        if state.drift_error is not None:
+            state.drift = (state.drift_error / state.drift_norm.clamp_min(1e-12)).sqrt().max()
+            state.drift_error = state.drift_norm = None
+        index = None if full else state.selection.index
+        state.tracker.advance(index)
+        if state.computed_at is not None:
+            _write_positions_(state.computed_at, state.selection, state.position)
+        state.selection = None
+        if full:
+            state.last_full = state.step
+        if state.recorder is not None and state.step == state.num_steps - 1:
+            self._finish_calibration(state)
+
+    def _finish_calibration(self, state: HeroState) -> None:
+        """The calibration generation is complete: choose the split, save it, use it from now."""
+        runtime = self.runtime
+        profile = state.recorder.profiles()["forecast_error"]
+        split = choose_split(profile)
+        record = calibration_record(state.recorder, split, runtime.adapter.model_class_name,
+                                    state.num_steps)
+        save_calibration(state.calibration_path, record)
+        runtime.splits[state.calibration_path] = state.split = split
+        state.recorder = None
 
     def reset_state(self, module: nn.Module) -> nn.Module:
+        if any(s.stats.full_steps for s in self.state_manager._state_cache.values()):
+            self.finished = self.stats()
         self.state_manager.reset()
         return module
 
     def stats(self) -> dict[str, Any]:
+        """The latest generation of every context, or, when none has run since the states were
+        reset, the last finished one."""
+        states = self.state_manager._state_cache
+        if not any(s.stats.full_steps for s in states.values()) and self.finished is not None:
+            return self.finished
         runtime = self.runtime
-        per_context = {name: (state.stats, state.nbytes)
-                       for name, state in self.state_manager._state_cache.items()}
-        summary = summarize(per_context)
-        summary.update(num_layers=runtime.num_layers, split=runtime.split,
+        summary = summarize({name: (state.stats, state.nbytes) for name, state in states.items()})
+        splits = [state.split for state in states.values() if state.split is not None]
+        summary.update(num_layers=runtime.num_layers,
+                       split=splits[0] if splits else runtime.split,
                        model_family=runtime.adapter.name, config=runtime.config.to_dict())
         return summary
 
 
-class HeroShallowBlockHook(ModelHook):
-    """Shallow block ``i < k``: cache per-token residuals on FULL, patch-wise refresh on PARTIAL."""
+def _write_positions_(computed_at: torch.Tensor, selection: Selection | None,
+                      position: torch.Tensor) -> None:
+    """Every token (None) or the selected ones were computed at ``position``."""
+    if selection is None:
+        computed_at.copy_(position.expand_as(computed_at))
+    else:
+        write_tokens_(computed_at.unsqueeze(-1), selection,
+                      position.expand(*selection.index.shape, 1).to(computed_at.dtype))
+
+
+class HeroBlockHook(ModelHook):
+    """Block ``index``: its role (shallow, deep entry, deep, deep exit) follows the state's split.
+
+    Shallow ``i < k``: cache per-token residuals on FULL, patch-wise refresh on PARTIAL. Deep
+    ``i >= k``: the first records ``x_k`` on FULL and returns ``x_k + D̂`` on PARTIAL, the last
+    records ``D = x_L - x_k`` on FULL, the others pass their input through on PARTIAL.
+    """
 
     def __init__(self, state_manager: StateManager, runtime: HeroRuntime, index: int) -> None:
         super().__init__()
         self.state_manager = state_manager
         self.runtime = runtime
-        self.block_index = index
+        self.index = index
         self.compiled_forward: Any = None
-        self.tracks_rate = index == runtime.split - 1 and runtime.config.rate_weight > 0
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         state: HeroState = self.state_manager.get_state()
-        adapter = self.runtime.adapter
+        if state.recorder is not None:
+            return self._record(module, state, args, kwargs)
+        if self.index < state.split:
+            return self._shallow(module, state, args, kwargs)
+        return self._deep(module, state, args, kwargs)
+
+    def _record(self, module: nn.Module, state: HeroState, args: tuple, kwargs: dict[str, Any]
+                ) -> Any:
+        """Calibration: the block's own forward, its residual recorded for the probe."""
+        hidden = self.runtime.adapter.bind(args, kwargs).hidden
+        output = self.runtime.run_full(self, state, args, kwargs)
+        state.recorder.observe(self.index, hidden, self.runtime.adapter.split_output(output)[0])
+        return output
+
+    # -------------------------------------------------------------------------------- shallow
+    def _shallow(self, module: nn.Module, state: HeroState, args: tuple, kwargs: dict[str, Any]
+                 ) -> Any:
+        adapter, config = self.runtime.adapter, self.runtime.config
         inputs = adapter.bind(args, kwargs)
-        config = self.runtime.config
         if state.mode is StepMode.FULL:
             if config.kv_mode == "cached_kv":
-                return self._full_with_key_values(module, state, inputs)
+                hidden, encoder, residual, key_value = self.runtime.kernel(
+                    "_keyed_full_block", state)(adapter, module, inputs, config.attention_backend)
+                self._store(state, residual).key_value = key_value
+                return adapter.pack_output(hidden, encoder)
             output = self.runtime.run_full(self, state, args, kwargs)
-            hidden, _ = adapter.split_output(output)
-            self._store_full_residual(state, hidden - inputs.hidden)
+            self._store(state, adapter.split_output(output)[0] - inputs.hidden)
             return output
-        i = self.block_index
-        hidden, encoder, key_value, rate = self.runtime.kernel("_partial_block", state)(
-            adapter, module, inputs, state.index, state.shallow_residuals[i],
-            state.key_values.get(i), config.attention_backend, self.tracks_rate)
-        if config.kv_mode == "cached_kv":
-            state.key_values[i] = key_value
-        if rate is not None:
-            state.tracker.observe_change(state.index, *rate)
+        cache = state.shallow[self.index]
+        forecast = self._forecast(state, cache)
+        adapter.prepare(state.selection, inputs)
+        hidden, encoder, key_value, fresh, predicted = self.runtime.kernel("_partial_block", state)(
+            adapter, module, inputs, state.selection, cache.residual, cache.key_value, forecast,
+            config.attention_backend)
+        if cache.key_value is not None:
+            cache.key_value = key_value
+        self._observe(state, cache, fresh, predicted)
         return adapter.pack_output(hidden, encoder)
 
-    def _store_full_residual(self, state: HeroState, residual: torch.Tensor) -> None:
-        previous = state.shallow_residuals.get(self.block_index)
-        if self.tracks_rate and previous is not None:
-            state.tracker.observe_change(None, previous, residual)
-        state.shallow_residuals[self.block_index] = residual
+    def _store(self, state: HeroState, residual: torch.Tensor) -> ShallowCache:
+        """A FULL step's residual of every token, and (first-order forecasts) its slope since
+        each token's previous value."""
+        previous = state.shallow.get(self.index)
+        cache = state.shallow[self.index] = ShallowCache(residual)
+        if previous is None:
+            if self.runtime.config.shallow_forecast == "linear" and state.computed_at is None:
+                state.computed_at = torch.empty(residual.shape[:2], device=residual.device)
+            return cache
+        if state.computed_at is not None:
+            elapsed = (state.position - state.computed_at).unsqueeze(-1)
+            cache.slope = (residual - previous.residual) / _nonzero(elapsed).to(residual.dtype)
+        return cache
 
-    def _full_with_key_values(self, module: nn.Module, state: HeroState, inputs: BlockInputs
-                              ) -> Any:
-        """A FULL step in ``cached_kv`` mode: HERO's block over all tokens, keeping keys/values."""
-        hidden, encoder, residual, state.key_values[self.block_index] = self.runtime.kernel(
-            "_keyed_full_block", state)(self.runtime.adapter, module, inputs,
-                                        self.runtime.config.attention_backend)
-        self._store_full_residual(state, residual)
-        return self.runtime.adapter.pack_output(hidden, encoder)
+    def _forecast(self, state: HeroState, cache: ShallowCache) -> torch.Tensor | None:
+        """The non-refreshed tokens' residuals at this step: None (reuse the cache) or the cache
+        moved along its slope by the position elapsed since each token was computed."""
+        if cache.slope is None:
+            return None
+        elapsed = (state.position - state.computed_at).unsqueeze(-1).to(cache.slope.dtype)
+        return torch.addcmul(cache.residual, elapsed, cache.slope)
 
+    def _observe(self, state: HeroState, cache: ShallowCache, fresh: torch.Tensor,
+                 predicted: torch.Tensor) -> None:
+        """What the refreshed tokens tell: the drift (forecast error) the schedule checks, and,
+        for first-order forecasts, the slope since each one's previous value."""
+        if state.drift_error is not None:
+            state.drift_error += (fresh.float() - predicted.float()).square().sum(dim=(1, 2))
+            state.drift_norm += fresh.float().square().sum(dim=(1, 2))
+        if cache.slope is not None:  # (fresh - old) / elapsed = slope + forecast error / elapsed
+            elapsed = gather_tokens((state.position - state.computed_at).unsqueeze(-1),
+                                    state.selection)
+            slope = gather_tokens(cache.slope, state.selection)
+            write_tokens_(cache.slope, state.selection,
+                          slope + (fresh - predicted) / _nonzero(elapsed).to(fresh.dtype))
 
-class HeroDeepBlockHook(ModelHook):
-    """Deep block ``i >= k``: record ``D = x_L - x_k`` on FULL; on PARTIAL the first deep block
-    returns ``x_k + D̂`` and the others pass their input through."""
-
-    def __init__(self, state_manager: StateManager, runtime: HeroRuntime, is_entry: bool,
-                 is_exit: bool) -> None:
-        super().__init__()
-        self.state_manager = state_manager
-        self.runtime = runtime
-        self.is_entry = is_entry
-        self.is_exit = is_exit
-        self.compiled_forward: Any = None
-
-    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        state: HeroState = self.state_manager.get_state()
+    # ----------------------------------------------------------------------------------- deep
+    def _deep(self, module: nn.Module, state: HeroState, args: tuple, kwargs: dict[str, Any]
+              ) -> Any:
         adapter = self.runtime.adapter
-        inputs = adapter.bind(args, kwargs)
-        encoder = inputs.encoder if adapter.returns_encoder else None
+        is_entry, is_exit = self.index == state.split, self.index == self.runtime.num_layers - 1
         if state.mode is StepMode.FULL:
-            if self.is_entry:
-                state.deep_input = (inputs.hidden, encoder)
+            if is_entry:
+                state.deep_input = adapter.bind(args, kwargs).hidden
             output = self.runtime.run_full(self, state, args, kwargs)
-            if self.is_exit:
-                hidden_out, encoder_out = adapter.split_output(output)
-                hidden_in, encoder_in = state.deep_input
-                residuals = (hidden_out - hidden_in,) if encoder_in is None else \
-                    (hidden_out - hidden_in, encoder_out - encoder_in)
-                state.deep_history.push(state.step, residuals)
+            if is_exit:
+                residual = adapter.split_output(output)[0] - state.deep_input
+                state.deep_history.push(state.position, residual)
                 state.deep_input = None
             return output
-        if not self.is_entry:
+        inputs = adapter.bind(args, kwargs)
+        encoder = inputs.encoder if adapter.returns_encoder else None
+        if not is_entry:
             return adapter.pack_output(inputs.hidden, encoder)
-        residuals = state.deep_history.predict(state.step)
-        hidden = inputs.hidden + residuals[0]
-        if encoder is not None:
-            encoder = encoder + residuals[1]
-        return adapter.pack_output(hidden, encoder)
+        return adapter.pack_output(inputs.hidden + state.deep_history.predict(state.position),
+                                   encoder)
 
 
-def _signature(grid: tuple[int, int, int], inputs: dict[str, Any]) -> tuple:
-    """What must stay the same for cached tensors to be reusable: grid and every input's shape."""
-    shapes = tuple((name, tuple(value.shape), str(value.dtype), str(value.device))
-                   for name, value in inputs.items() if isinstance(value, torch.Tensor))
-    return (grid, shapes)
-
-
-def _position(context: CacheContext, state: HeroState, config: HeroConfig, signature: tuple
-              ) -> tuple[int, int]:
-    """(step index, step count) from the cache context; steps are counted when it lacks them."""
-    num_steps = context.num_inference_steps or config.num_inference_steps
-    if num_steps is None:
-        raise ValueError(f"HERO needs the step count: call the transformer under cache_context("
-                         f"{context.name!r}, step_index=i, num_inference_steps=S) or set "
-                         "HeroConfig.num_inference_steps")
-    if context.step_index is not None:
-        return int(context.step_index), int(num_steps)
-    if signature != state.signature:
-        state.next_counted_step = 0
-    step = state.next_counted_step % num_steps
-    state.next_counted_step = step + 1
-    return step, int(num_steps)
+def _nonzero(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with zeros replaced by one (a token computed twice at one position has no slope)."""
+    return torch.where(x == 0, torch.ones_like(x), x)
 
 
 def root_hook(transformer: nn.Module) -> HeroRootHook | None:
     """The HERO root hook of ``transformer``, or None when HERO is not applied."""
-    registry = getattr(transformer, "_diffusers_hook", None)
-    return None if registry is None else registry.get_hook(ROOT_HOOK)
+    return find_hook(transformer, ROOT_HOOK)
 
 
-def apply_hero(transformer: nn.Module, config: HeroConfig | None = None) -> None:
-    """Accelerate ``transformer`` with HERO; calls must then run under ``cache_context``."""
-    config = config or HeroConfig()
+def transformer_of(model: nn.Module | Any) -> tuple[nn.Module, Any]:
+    """The transformer to hook and the scheduler that knows the step count: a pipeline (or a
+    world model) gives both, a bare transformer only itself."""
+    transformer = getattr(model, "transformer", None)
+    if isinstance(transformer, nn.Module) and not isinstance(model, nn.Module):
+        return transformer, getattr(model, "scheduler", None)
+    return model, None
+
+
+def apply_hero(model: nn.Module | Any, config: HeroConfig | None = None) -> None:
+    """Accelerate a transformer, or the transformer of a pipeline (whose scheduler then gives the
+    step count), with HERO (``config`` None: the default preset). Calls must run under
+    ``cache_context``, as stock pipelines do."""
+    config = config or HeroConfig.preset("default")
+    transformer, scheduler = transformer_of(model)
     if root_hook(transformer) is not None:
         raise ValueError("HERO is already applied to this transformer; call remove_hero first")
     adapter = adapter_for(transformer)
     blocks = adapter.blocks(transformer)
-    num_layers = len(blocks)
-    runtime = HeroRuntime(config, adapter, num_layers, config.resolve_split(num_layers))
+    runtime = HeroRuntime(config, adapter, len(blocks), config.resolve_split(len(blocks)),
+                          scheduler)
     manager = StateManager(HeroState)
-    for i, block in enumerate(blocks):
-        registry = HookRegistry.check_if_exists_or_initialize(block)
-        if i < runtime.split:
-            registry.register_hook(HeroShallowBlockHook(manager, runtime, i), SHALLOW_HOOK)
-        else:
-            registry.register_hook(HeroDeepBlockHook(manager, runtime, i == runtime.split,
-                                                     i == num_layers - 1), DEEP_HOOK)
-    root = HookRegistry.check_if_exists_or_initialize(transformer)
-    root.register_hook(HeroRootHook(manager, runtime), ROOT_HOOK)
-    root.invalidate_child_registries_cache()
+    install_hooks(transformer,
+                  [(block, BLOCK_HOOK, HeroBlockHook(manager, runtime, i))
+                   for i, block in enumerate(blocks)],
+                  (ROOT_HOOK, HeroRootHook(manager, runtime)))
 
 
-def remove_hero(transformer: nn.Module) -> None:
+def remove_hero(model: nn.Module | Any) -> None:
     """Remove HERO's hooks and state; the model's own ``forward`` methods are back as they were."""
-    if root_hook(transformer) is None:
-        return
-    registry = transformer._diffusers_hook
-    for name in HOOK_NAMES:
-        registry.remove_hook(name, recurse=True)
-    registry.invalidate_child_registries_cache()
-    drop_empty_registries([transformer, *adapter_for(transformer).blocks(transformer)])
+    transformer, _ = transformer_of(model)
+    if root_hook(transformer) is not None:
+        uninstall_hooks(transformer, HOOK_NAMES, adapter_for(transformer).blocks(transformer))
 
 
-def reset_hero(transformer: nn.Module) -> None:
+def reset_hero(model: nn.Module | Any) -> None:
     """Forget every cache context's state (the next call starts a fresh generation)."""
+    transformer, _ = transformer_of(model)
     hook = root_hook(transformer)
     if hook is None:
         raise ValueError(f"HERO is not applied to this {type(transformer).__name__}")
     hook.reset_state(transformer)
 
 
-def drop_empty_registries(modules: Any) -> None:
-    """Undo what emptied diffusers hook registries left on ``modules``: the registry itself and the
-    instance attribute ``forward`` pinned to the class's own method."""
-    for module in modules:
-        registry = module.__dict__.get("_diffusers_hook")
-        if registry is None or registry.hooks:
-            continue
-        del module._diffusers_hook
-        forward = module.__dict__.get("forward")
-        if getattr(forward, "__self__", None) is module and \
-                getattr(forward, "__func__", None) is type(module).forward:
-            del module.forward
+def hero_stats(model: nn.Module | Any) -> dict[str, Any]:
+    """Statistics of the latest generation of every cache context of a HERO-accelerated model
+    (after a stock pipeline's call, which resets the hooks at its end: that call's)."""
+    transformer, _ = transformer_of(model)
+    hook = root_hook(transformer)
+    if hook is None:
+        raise ValueError(f"HERO is not applied to this {type(transformer).__name__}")
+    return hook.stats()

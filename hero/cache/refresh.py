@@ -2,10 +2,12 @@
 
 *Patch-wise sampling*: the T×H×W token grid is cut into patches and every patch gives the same
 number of tokens, so refreshed tokens cover the frame evenly. *Frequency-aware tracking*: each
-token carries how many steps ago it was last computed (and, optionally, how fast its cached
-residual has been changing); within a patch the stalest (fastest-changing) tokens win, ties broken
-by a deterministic key that rotates with the step. No attention map is read, and the number of
-refreshed tokens is a function of the grid alone, so every PARTIAL step has the same shapes.
+token carries how many steps ago it was last computed; within a patch the stalest tokens win,
+ties broken by a deterministic key that rotates with the step (after a FULL step every token is
+equally fresh, so successive PARTIAL steps cover a patch round-robin). Scoring tokens by their
+measured rate of change instead (fast tokens refreshed more often) was tried twice and made no
+measurable difference (``docs/hero.md``). No attention map is read, and the number of refreshed
+tokens is a function of the grid alone, so every PARTIAL step has the same shapes.
 """
 
 from __future__ import annotations
@@ -73,15 +75,11 @@ def build_layout(grid: tuple[int, int, int], patch_size: tuple[int, int, int], p
 
 
 class RefreshTracker:
-    """Per batch row and token: steps since last computed, and the rate its residual changes."""
+    """Per batch row and token: steps since it was last computed."""
 
-    def __init__(self, layout: PatchLayout, batch_size: int, device: torch.device | str,
-                 rate_weight: float = 0.0, rate_momentum: float = 0.5) -> None:
+    def __init__(self, layout: PatchLayout, batch_size: int, device: torch.device | str) -> None:
         self.layout = layout
-        self.rate_weight = rate_weight
-        self.rate_momentum = rate_momentum
         self.staleness = torch.zeros(batch_size, layout.num_tokens, device=device)
-        self.rate = torch.zeros(batch_size, layout.num_tokens, device=device)
         self.partial_steps = 0
 
     def select(self) -> torch.Tensor:
@@ -90,9 +88,6 @@ class RefreshTracker:
         volume = layout.patch_volume
         tie = (volume - 1 - (layout.tie_key + self.partial_steps) % volume).float() / volume
         score = self.staleness + _TIE_SCALE * tie
-        if self.rate_weight > 0:
-            mean_rate = self.rate.mean(dim=1, keepdim=True).clamp_min(1e-12)
-            score = score + self.rate_weight * self.rate / mean_rate
         padded = torch.cat([score, score.new_full((score.shape[0], 1), float("-inf"))], dim=1)
         in_patch = padded[:, layout.members].topk(layout.per_patch, dim=-1).indices
         chosen = layout.members.expand(score.shape[0], -1, -1).gather(-1, in_patch)
@@ -107,26 +102,6 @@ class RefreshTracker:
         self.staleness.add_(1.0).scatter_(1, refreshed, 0.0)
         self.partial_steps += 1
 
-    def observe_change(self, refreshed: torch.Tensor | None, old: torch.Tensor,
-                       new: torch.Tensor) -> None:
-        """Update the per-token rate of change from a cached residual ``old`` and its new value.
-
-        ``old``/``new`` are (batch, tokens, channels) for ``refreshed`` (None: all tokens); the rate
-        is the relative change per step of staleness, smoothed with ``rate_momentum``.
-        """
-        if self.rate_weight == 0:
-            return
-        old, new = old.float(), new.float()
-        change = (new - old).norm(dim=-1) / old.norm(dim=-1).clamp_min(1e-12)
-        steps = self.staleness if refreshed is None else self.staleness.gather(1, refreshed)
-        change = change / (steps + 1.0)
-        current = self.rate if refreshed is None else self.rate.gather(1, refreshed)
-        updated = self.rate_momentum * current + (1 - self.rate_momentum) * change
-        if refreshed is None:
-            self.rate.copy_(updated)
-        else:
-            self.rate.scatter_(1, refreshed, updated)
-
     @property
     def nbytes(self) -> int:
-        return self.staleness.nbytes + self.rate.nbytes
+        return self.staleness.nbytes

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils import flop_counter
 
 
@@ -33,8 +32,10 @@ count_cpu_attention_flops()
 
 @dataclass
 class GenerationStats:
-    """Counters of one generation in one cache context."""
+    """Counters of one generation in one cache context; ``calibration`` marks the full-compute
+    generation that ``split="auto"`` records its calibration on."""
 
+    calibration: bool = False
     full_steps: int = 0
     partial_steps: int = 0
     block_tokens_total: int = 0
@@ -62,6 +63,7 @@ def summarize(per_context: dict[str, tuple[GenerationStats, int]]) -> dict[str, 
     contexts = {name: _describe(stats, nbytes) for name, (stats, nbytes) in per_context.items()}
     total = GenerationStats()
     for stats, _ in per_context.values():
+        total.calibration = total.calibration or stats.calibration
         total.full_steps += stats.full_steps
         total.partial_steps += stats.partial_steps
         total.block_tokens_total += stats.block_tokens_total
@@ -81,6 +83,7 @@ def _describe(stats: GenerationStats, nbytes: int) -> dict[str, Any]:
     if stats.flops_executed is not None and stats.flops_full:
         ratio = stats.flops_executed / stats.flops_full
     return {
+        "calibration_run": stats.calibration,
         "full_steps": stats.full_steps,
         "partial_steps": stats.partial_steps,
         "skipped_block_token_fraction": skipped,
@@ -93,13 +96,3 @@ def _describe(stats: GenerationStats, nbytes: int) -> dict[str, Any]:
 
 def _add(a: int | None, b: int | None) -> int | None:
     return None if a is None or b is None else a + b
-
-
-def hero_stats(transformer: nn.Module) -> dict[str, Any]:
-    """Statistics of the latest generation of every cache context of a HERO-accelerated model."""
-    from hero.cache.hooks import root_hook
-
-    hook = root_hook(transformer)
-    if hook is None:
-        raise ValueError(f"HERO is not applied to this {type(transformer).__name__}")
-    return hook.stats()

@@ -9,14 +9,14 @@ chunk's first frame), beside a baseline that holds the true frame at the chunk's
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hero import metrics
-from hero.evaluation.heldout import EvalConfig, Evaluation, describe, log, model_info
+from hero.evaluation.heldout import EvalConfig, Evaluation, calibrate_accelerator, describe, log, model_info
 from hero.evaluation.scoring import METRICS, baseline_rollout, ci, finite_mean, over_scenes, score_against_truth
 from hero.models.base import Rollout, RolloutRequest, WorldModel, pose_deltas
 from hero.rollout import ChainConfig, rollout_long_batch
@@ -95,6 +95,9 @@ def evaluate_long(model: WorldModel, config: LongEvalConfig | None = None, accel
                                guidance=config.guidance, seed=config.sample_seed + i)
                 for i, (seed, (clip, _)) in enumerate(zip(config.seeds(), truths))]
     chain = ChainConfig(chunk_frames=config.chunk_frames, poses=config.poses)
+    first = requests[0]
+    calibrate_accelerator(model, replace(first, frames=config.chunk_frames, c2w=first.c2w[:config.chunk_frames],
+                                         k=first.k[:config.chunk_frames]))
     rollouts: list[Rollout] = []
     for start in range(0, len(requests), config.batch_size):
         rollouts += rollout_long_batch(model, requests[start: start + config.batch_size], chain)

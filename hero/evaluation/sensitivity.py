@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from hero import metrics
-from hero.evaluation.heldout import EvalConfig, Evaluation, generate_in_batches, heldout_request, model_info
+from hero.evaluation.heldout import (EvalConfig, Evaluation, calibrate_accelerator, generate_in_batches,
+                                     heldout_request, model_info)
 from hero.evaluation.scoring import ci, over_scenes
 from hero.models.base import WorldModel
 from hero.world import clip_for_seed
@@ -43,6 +44,8 @@ def evaluate_sensitivity(model: WorldModel, config: SensitivityConfig | None = N
             run = replace(config, steps=steps, sample_seed=config.sample_seed + 1000 * noise)
             requests = [replace(heldout_request(0, clip, run, 0), id=f"s{i}", seed=run.sample_seed + i)
                         for i, clip in enumerate(clips)]
+            if noise == 0:
+                calibrate_accelerator(model, requests[0])
             rollouts = generate_in_batches(model, requests, config.batch_size, f"{steps} steps, seed {noise}")
             samples[steps, noise] = [r.rgb[1:] for r in rollouts]
     truth = [clip.rgb[1:] for clip in clips]
