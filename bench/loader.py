@@ -33,10 +33,10 @@ import torch
 
 from hero.models.base import Rollout
 from hero.world.clips import clip_for_seed
-from pipeline import sink
 from pipeline.loader import collate_windows, rollout_files, rollout_windows
 from pipeline.samples import FIELDS, decode_depth, decode_sample, encode_depth, encode_sample
 from pipeline.schema import SCHEMA_FILE, schema_document
+from pipeline.sink import write_committed_run
 from pipeline.storage import Store
 
 WORKERS = (0, 2)
@@ -121,10 +121,8 @@ def write_run(rollouts: list[tuple[str, Rollout, dict[str, Any]]], output: str) 
         encoded.append((key, files))
         for field in FIELDS:
             sizes[field] += len(files[field])
-    for unit, first in enumerate(range(0, len(encoded), 2)):
-        sink.commit_unit(store, unit, encoded[first:first + 2], {"rows": [], "errors": []})
+    write_committed_run(store, "bench-loader", [encoded[first:first + 2] for first in range(0, len(encoded), 2)])
     store.write_json(SCHEMA_FILE, schema_document("toyworld"))
-    sink.finalize(store, "bench-loader", sink.committed_units(store), {}, [])
     frames = sum(rollout.frames for _, rollout, _ in rollouts)
     return {"samples": len(rollouts), "frames": frames,
             "bytes_per_sample": {field: size / len(rollouts) for field, size in sizes.items()},

@@ -31,11 +31,12 @@ from hero.accelerators import apply_accelerator
 from hero.models import load_model, model_spec
 from hero.models.base import RolloutRequest
 from hero.rollout import generate_any_length
-from pipeline import sink
 from pipeline.cli import load
 from pipeline.config import JobConfig
 from pipeline.loader import rollout_dataset
 from pipeline.run import connect_ray, open_store, run as run_job
+from pipeline.sink import SUMMARY_FILE
+from pipeline.sink.log import read_records
 from pipeline.sources import read_manifest
 from pipeline.stages.prep import prepare_row
 from pipeline.storage import Store
@@ -56,7 +57,7 @@ def time_job(config: JobConfig) -> dict[str, Any]:
     status = run_job(config)
     wall = time.perf_counter() - started
     store = open_store(config)
-    summary = store.read_json(sink.SUMMARY_FILE)
+    summary = store.read_json(SUMMARY_FILE)
     metas = [sample["meta"] for sample in rollout_dataset(config.output, split=False)]
     timings = [meta.get("timings", {}) for meta in metas]
     stages = {stage: sum(float(t.get(stage, 0.0)) for t in timings) for stage in STAGES}
@@ -75,7 +76,7 @@ def milestones(store: Store, metas: list[dict[str, Any]], started_at: float, wal
     """When the first actor was ready (the longest actor ``__init__`` too) and how long the driver
     ran after the last unit's commit (errors, summary, index, preview, Ray shutdown)."""
     startups = [m["actor"] for m in metas if "actor" in m]
-    last_commit = max(float(m["committed_at"]) for m in sink.committed_units(store).values())
+    last_commit = max(float(r["committed_at"]) for r in read_records(store).values())
     return {"first_actor_ready_s": min(a["ready_at"] for a in startups) - started_at,
             "actor_init_s": max(a["init_s"] for a in startups),
             "after_last_commit_s": started_at + wall - last_commit}
@@ -107,10 +108,9 @@ def time_ray_start(config: JobConfig) -> float:
     return time.perf_counter() - started
 
 
-def time_plain_loop(config: JobConfig, requests: list[RolloutRequest]) -> dict[str, Any]:
+def time_plain_loop(config: JobConfig, requests: list[RolloutRequest], threads: int) -> dict[str, Any]:
     """The same model and accelerator on the same requests, batch by batch, nothing else, with
-    as many torch threads as a generate actor gets (Ray sets OMP_NUM_THREADS to its num_cpus)."""
-    threads = max(1, int(config.generate.num_cpus))
+    as many torch threads as a generate actor gets."""
     torch.set_num_threads(threads)
     started = time.perf_counter()
     model = load_model(config.model.name, **config.model.options)
@@ -214,12 +214,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default="1,2", help="comma-separated batch sizes to sweep")
     parser.add_argument("--job-args", default="", help="extra jobs/generate.py options for every run "
                                                        "(e.g. '--limit 4 --accel hero')")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in the plain loop and in every "
+                        "actor (OMP_NUM_THREADS of the job's workers); default: an actor's num_cpus, at least 1")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     extra = shlex.split(args.job_args)
+    if args.threads:  # the private Ray instance's workers inherit it
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory(prefix="hero-bench-pipeline-") as tmp:
         workdir = Path(tmp)
         embedded = job_config(workdir, extra)
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         job = time_job(embedded)
         log.info("plain loop on the same requests")
         requests = job_requests(embedded)
-        plain = time_plain_loop(embedded, requests)
+        plain = time_plain_loop(embedded, requests, args.threads or max(1, int(embedded.generate.num_cpus)))
         ray_start_s = time_ray_start(embedded)
         log.info("the same job on the first %d rows", len(requests) // 2)
         half = time_job(job_config(workdir, [*extra, "--limit", str(max(1, len(requests) // 2))]))

@@ -1,5 +1,5 @@
 """Command line of ``jobs/generate.py``: options, config loading, exit statuses (0 done, 1 incomplete,
-2 bad configuration, found before any work)."""
+2 bad configuration or an unusable output location, found before any work)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ import argparse
 import sys
 from typing import Any
 
-from pipeline.config import DEFAULT_MODEL, DEFAULT_OUTPUT_ROOT, ConfigError, JobConfig, build_config, parse_value, resolve
+from pipeline.config import (
+    DEFAULT_MODEL, DEFAULT_OUTPUT_ROOT, ConfigError, JobConfig, OutputError, build_config, parse_value, resolve,
+)
 from pipeline.redact import guard_streams, redact_text
+from pipeline.sources import InputUnavailable
 
 OVERRIDES = {  # option dest -> config key
     "input": "input", "output": "output", "model": "model.name", "accel": "accel.name", "limit": "limit",
     "actors": "generate.actors", "batch_size": "generate.batch_size", "run_id": "run_id",
     "steps": "generate.steps", "num_gpus": "generate.num_gpus", "rows_per_shard": "sink.rows_per_shard",
-    "ray_address": "ray.address",
+    "ray_address": "ray.address", "adopt_foreign": "sink.adopt_foreign",
 }
 
 
@@ -24,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate world-model rollouts with Ray and write them as WebDataset shards. With no "
                     "options: a local Ray instance, the manifest shipped in the package, the shipped world "
                     f"model, output under {DEFAULT_OUTPUT_ROOT}/<run-id>. Rerunning the same command resumes.",
-        epilog="Exit status: 0 complete, 1 incomplete (rerun to resume), 2 bad configuration.")
+        epilog="Exit status: 0 complete, 1 incomplete (rerun to resume; also when another driver is writing "
+               "the same output), 2 bad configuration or output location.")
     parser.add_argument("--config", metavar="FILE", help="YAML job config (see jobs/configs/); options below override it")
     parser.add_argument("--input", metavar="URI", help="manifest: a JSONL/Parquet file or a prefix of shards "
                         "(local path, file://, s3://, any fsspec URL); default: the shipped manifest")
@@ -37,13 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--actors", metavar="N", type=int, help="generate actors (one model each; default 1)")
     parser.add_argument("--batch-size", metavar="N", type=int, help="rollouts per model call (default 1)")
     parser.add_argument("--run-id", metavar="ID", help="run id (letters, digits, '-', '_'); default: derived from "
-                        "model, accelerator and a hash of what is generated, so reruns resume")
+                        "model, accelerator and a hash of what is generated (the manifest's content and the "
+                        "settings that shape samples), so the same command resumes wherever it runs from")
     parser.add_argument("--steps", metavar="N", type=int, help="denoising steps for every row (default: per row/model)")
     parser.add_argument("--num-gpus", metavar="G", type=float, help="GPUs per actor (1 on GPU clusters; default 0)")
     parser.add_argument("--rows-per-shard", metavar="N", type=int, help="manifest rows per shard, the unit of "
                         "commit and resume (default 4)")
     parser.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: RAY_ADDRESS, else a new "
                         "local instance)")
+    parser.add_argument("--adopt-foreign", action="store_const", const=True, help="write into an output prefix that "
+                        "holds files this run did not write (they are never modified, deleted or indexed); "
+                        "without it such a prefix is refused")
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                         help="override any config key, e.g. --set sink.storage_options.anon=false (repeatable)")
     return parser
@@ -89,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.run import run  # torch, Ray and the models load only once there is work (not for --help)
 
         return run(config)
-    except ConfigError as exc:
+    except (ConfigError, OutputError) as exc:
         print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
+    except InputUnavailable as exc:
+        print(f"error: {exc}; nothing was planned past it, rerun to resume", file=sys.stderr)
+        return 1

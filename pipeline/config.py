@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from pipeline.manifest import SAFE_ID, SAFE_ID_RULE
 from pipeline.redact import redact_config
@@ -21,7 +21,7 @@ from pipeline.storage import is_local_uri
 
 DEFAULT_MODEL = "toyworld"  # the embedded default's world model: trained here, shipped in the package
 DEFAULT_OUTPUT_ROOT = "~/hero-rollouts"
-FINGERPRINT_KEYS = ("input", "limit", "model", "accel", "generate.steps", "sink.rows_per_shard")
+FINGERPRINT_KEYS = ("limit", "model", "accel", "generate.steps", "sink.rows_per_shard")
 
 
 class ConfigError(ValueError):
@@ -30,6 +30,16 @@ class ConfigError(ValueError):
     def __init__(self, key: str, reason: str) -> None:
         super().__init__(f"config key '{key}': {reason}")
         self.key = key
+        self.reason = reason
+
+
+class OutputError(Exception):
+    """The output location cannot be used as it is; ``path`` names the offending file or folder
+    (see :mod:`pipeline.sink.layout`). Found before any work; exit status 2, like ConfigError."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"output {path}: {reason}")
+        self.path = path
         self.reason = reason
 
 
@@ -73,12 +83,18 @@ class AuditConfig(_Section):
 
 
 class SinkConfig(_Section):
-    """Shards and storage: rows per shard (the unit of commit and resume), retries, fsspec options."""
+    """Shards and storage: rows per shard (the unit of commit and resume), retries, fsspec options,
+    and how the run shares its output prefix (see pipeline/sink/)."""
 
     rows_per_shard: int = Field(4, ge=1, le=100_000)
     retries: int = Field(5, ge=0, le=20)
     retry_backoff_s: float = Field(0.5, ge=0)
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    adopt_foreign: bool = Field(False, description="write into an output holding files this run did not write "
+                                                   "(they are never modified, deleted or indexed)")
+    lease_s: float = Field(300.0, ge=1, description="seconds a driver's lease on the output lasts unrenewed")
+    compact_every: int = Field(1000, ge=1, description="commit records per commit-log segment")
+    parallel_reads: int = Field(32, ge=1, le=512, description="commit-log objects read at once")
 
 
 class RayConfig(_Section):
@@ -104,6 +120,7 @@ class JobConfig(_Section):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     sink: SinkConfig = Field(default_factory=SinkConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    _manifest_digest: str | None = PrivateAttr(default=None)
 
     @field_validator("run_id")
     @classmethod
@@ -113,10 +130,27 @@ class JobConfig(_Section):
         return value
 
     def fingerprint(self) -> str:
-        """Hash of the settings that decide what gets generated (not how fast); resume requires a match."""
-        return hashlib.sha256(json.dumps(self.fingerprint_values(), sort_keys=True).encode()).hexdigest()[:12]
+        """Hash of what gets generated (the manifest's content and the settings that shape its
+        samples, not how fast or where): the default run id, and what a finished run is checked against."""
+        values = dict(self.fingerprint_values(), manifest=self.manifest_digest())
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+    def manifest_digest(self) -> str:
+        """The digest of the input manifest's content (:func:`pipeline.plan.manifest_digest`),
+        computed once; an unusable input is a ConfigError naming ``input``, one the store cannot
+        serve now raises :class:`pipeline.sources.InputUnavailable`."""
+        if self._manifest_digest is None:
+            from pipeline.plan import manifest_digest
+            from pipeline.sources import InputError
+
+            try:
+                self._manifest_digest = manifest_digest(self.input, self.sink.storage_options)
+            except InputError as exc:
+                raise ConfigError("input", str(exc)) from None
+        return self._manifest_digest
 
     def fingerprint_values(self) -> dict[str, Any]:
+        """The settings that shape the samples, as recorded in run.json (resume requires a match)."""
         dumped = self.model_dump(mode="json")
         values = {}
         for key in FINGERPRINT_KEYS:

@@ -84,7 +84,7 @@ def read_schema(output: str, storage_options: dict[str, Any] | None = None) -> d
 
 
 def read_metadata(output: str, storage_options: dict[str, Any] | None = None):
-    """Every shard's per-sample metadata (``shards/shard-NNNNNN.parquet``) as one pyarrow Table with
+    """Every shard's per-sample metadata (the ``.parquet`` beside each shard) as one pyarrow Table with
     a ``shard`` column, for choosing samples without opening a tar (runs before it: an empty table)."""
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -1,43 +1,44 @@
-"""The driver: plan, resume, run the Ray Data plan, commit shards as units complete, summarise.
+"""The driver: look at the output, plan as the manifest streams, run the Ray Data plan, finalize.
 
-    read manifest (driver, fsspec) -> units -> skip committed units
-      -> ray.data.from_items -> prep (tasks) -> generate (actor pool) -> encode (tasks)
-      -> driver: group rows by unit, commit each complete unit (sink.commit_unit)
-      -> errors.jsonl, summary.json, index.json (last)
+    sink.inspect()      what the output holds (read only); a complete, intact run stops here
+    check_input()       the manifest up to its first row: an unusable input stops before any write
+    sink.start()        the lease, the run record, schema.json, the commit log tidied
+    plan (a thread)     manifest -> units -> units not committed -> the feed
+    Ray Data            read (feed) -> prep -> generate (actor pool) -> encode and write (commits)
+    driver              each unit's commit record -> the commit log; progress every few seconds
+    sink.finalize()     errors.jsonl, summary.json, preview, index.json (last)
 
-The driver holds only what is needed to finish the units in flight; everything that survives a
-crash (markers, shards) lives in the output storage, so a rerun resumes where the last one stopped.
+The driver handles metadata only: sample bytes never reach it, and it holds one block of units at
+a time. Everything that survives a crash (shards, commit records) is in the output storage, so a
+rerun resumes where the last one stopped.
 """
 
 from __future__ import annotations
 
-import io
+import itertools
 import json
 import logging
 import os
-import signal
 import sys
-import tarfile
-import tempfile
+import threading
 import time
-from collections import Counter, defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-from pipeline import faults, sink
 from pipeline.config import ConfigError, JobConfig
-from pipeline.manifest import RowError
-from pipeline.plan import Unit, mismatched_unit, plan_units
-from pipeline.redact import redact, redact_text
-from pipeline.samples import FIELDS, decode_sample
-from pipeline.sources import InputError, InputUnavailable, read_manifest
-from pipeline.stages.rows import unpack_files
+from pipeline.faults import FORWARDED_PREFIX
+from pipeline.plan import PlanCounts, PlanMismatch, Unit, plan_units, units_to_do
+from pipeline.redact import redact_text
+from pipeline.sink import LeaseHeld, LeaseLost, RolloutSink, ShardWriter
+from pipeline.sources import InputError, Manifest, read_manifest
 from pipeline.storage import Store
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+PROGRESS_EVERY_S = 10.0
+FEED_STATS_TIMEOUT_S = 5.0
+FEED_BLOCKS_PER_ACTOR = 2
 logger = logging.getLogger("pipeline.run")
 
 
@@ -45,45 +46,11 @@ def open_store(config: JobConfig) -> Store:
     return Store(config.output, config.sink.storage_options, config.sink.retries, config.sink.retry_backoff_s)
 
 
-def check_run_record(store: Store, config: JobConfig) -> None:
-    """Write run.json on first use of an output; refuse an output that holds a different run."""
-    record = {"run_id": config.run_id, "fingerprint": config.fingerprint(), "settings": config.fingerprint_values(),
-              "created_at": time.time()}
-    if not store.exists(sink.RUN_FILE):
-        store.write_json(sink.RUN_FILE, record)
-        return
-    existing = store.read_json(sink.RUN_FILE)
-    if existing.get("run_id") != config.run_id:
-        raise ConfigError("run_id", f"output {store.url()} holds run {existing.get('run_id')!r}, not "
-                                    f"{config.run_id!r}; give another --output or the same --run-id")
-    for key, value in config.fingerprint_values().items():
-        if existing.get("settings", {}).get(key) != value:
-            raise ConfigError(key, f"output {store.url()} holds run {config.run_id!r} made with {key}="
-                                   f"{existing['settings'].get(key)!r}, not {value!r}; give another --output or --run-id")
-
-
-def plan(config: JobConfig, store: Store) -> tuple[list[Unit], dict[int, dict[str, Any]], list[RowError]]:
-    """Units of the manifest, the markers already committed (validated against each other) and the
-    manifest files skipped or not fully read."""
-    manifest = read_manifest(config.input, config.sink.storage_options, config.limit, config.input_allow_empty)
-    try:
-        entries = list(manifest)
-    except InputError as exc:
-        raise ConfigError("input", str(exc)) from None
-    units = plan_units(entries, config.sink.rows_per_shard)
-    committed = sink.committed_units(store)
-    mismatch = mismatched_unit(units, committed)
-    if mismatch:
-        raise ConfigError("input", f"{mismatch}; the manifest changed since output {store.url()} was written; "
-                                   "give another --output or --run-id")
-    return units, committed, manifest.problems
-
-
 def forwarded_env() -> dict[str, str]:
     """Environment the workers need (object-store endpoint, region, fault switches), never credentials;
     variables the enclosing Ray job already sets are left to it."""
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars", {})
-    names = [n for n in os.environ if n in FORWARDED_ENV or n.startswith("HERO_FAULT_")]
+    names = [n for n in os.environ if n in FORWARDED_ENV or n.startswith(FORWARDED_PREFIX)]
     return {n: os.environ[n] for n in names if n not in job_env}
 
 
@@ -106,239 +73,180 @@ def connect_ray(config: JobConfig) -> None:
                  runtime_env=runtime_env, logging_level=logging.WARNING)
 
 
-def build_dataset(config: JobConfig, units: list[Unit]):
-    """The Ray Data plan over the rows of ``units``: prep -> generate (actor pool) -> encode."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    from pipeline.stages.encode import encode_batch
-    from pipeline.stages.generate import GenerateRollouts
-    from hero.models import model_spec
-    from pipeline.stages.prep import prepare_batch
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = sys.stderr.isatty()
-    items = [{"unit": unit.number, "position": e.position, "id": e.row.id, "row": e.row.model_dump_json(),
-              "error": ""} for unit in units for e in unit.valid]
-    spec = model_spec(config.model.name, **config.model.options)
-    gen = config.generate
-    return (
-        ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
-        .map_batches(prepare_batch, batch_size=1, num_cpus=config.ray.prep_num_cpus,
-                     fn_kwargs={"spec": spec, "storage_options": config.sink.storage_options})
-        .map_batches(GenerateRollouts, batch_size=gen.batch_size,
-                     compute=ActorPoolStrategy(size=gen.actors), num_gpus=gen.num_gpus, num_cpus=gen.num_cpus,
-                     fn_constructor_kwargs={"model": config.model.name, "model_options": config.model.options,
-                                            "accel": config.accel.name, "accel_options": config.accel.options,
-                                            "steps": gen.steps})
-        .map_batches(encode_batch, batch_size=1, num_cpus=config.ray.encode_num_cpus,
-                     fn_kwargs={"run_id": config.run_id, "model": config.model.name})
-    )
-
-
-class UnitCommitter:
-    """Collects result rows per unit and commits each unit (in a small thread pool) once complete."""
-
-    def __init__(self, store: Store, units: list[Unit], progress: "Progress") -> None:
-        self.store = store
-        self.units = {unit.number: unit for unit in units}
-        self.expected = {unit.number: len(unit.valid) for unit in units}
-        self.results: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="commit")
-        self.futures: dict[int, Future] = {}
-        self.progress = progress
-
-    def start_empty(self) -> None:
-        """Units with no row to generate (all rows failed validation) commit straight away."""
-        for number, count in self.expected.items():
-            if count == 0:
-                self._submit(number)
-
-    def add(self, row: dict[str, Any]) -> None:
-        number = int(row["unit"])
-        self.results[number].append(row)
-        self.progress.row(bool(row["error"]))
-        if len(self.results[number]) == self.expected[number]:
-            self._submit(number)
-
-    def _submit(self, number: int) -> None:
-        self.futures[number] = self.pool.submit(self._commit, number, self.results.pop(number, []))
-
-    def _commit(self, number: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        unit = self.units[number]
-        rows.sort(key=lambda r: int(r["position"]))
-        samples = [(str(r["id"]), unpack_files(r["files"])) for r in rows if not r["error"]]
-        where = {e.position: (e.source, e.line) for e in unit.entries}
-        errors = [e.to_dict() for e in unit.errors]
-        for r in rows:
-            if r["error"]:
-                source, line = where[int(r["position"])]
-                errors.append(dict(json.loads(r["error"]), source=source, line=line))
-        metas = [json.loads(files["meta.json"]) for _, files in samples]
-        record = {"rows": unit.rows(), "errors": errors, "stats": unit_stats(metas)}
-        marker = sink.commit_unit(self.store, number, samples, record)
-        self.progress.committed(marker)
-        if faults.inject("driver_kill"):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return marker
-
-    def finish(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Wait for commits; return (markers committed now, errors of units that could not commit)."""
-        failed = []
-        done = []
-        for number, future in sorted(self.futures.items()):
-            try:
-                done.append(future.result())
-            except Exception as exc:
-                failed.append({"id": None, "unit": number, "field": "shard", "stage": "commit",
-                               "reason": f"{type(exc).__name__}: {exc}", "source": None, "line": None})
-        self.pool.shutdown()
-        return done, failed
-
-
-def unit_stats(metas: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-unit figures kept in the marker: frames and seconds spent per stage."""
-    stats: dict[str, Any] = {"frames": sum(int(m.get("frames", 0)) for m in metas)}
-    for stage in ("prep_s", "generate_s", "encode_s"):
-        stats[stage] = sum(float(m.get("timings", {}).get(stage, 0.0)) for m in metas)
-    return stats
-
-
-class Progress:
-    """Progress that reads well both on a terminal (tqdm) and in `ray job logs` (one line per unit)."""
-
-    def __init__(self, total_rows: int, total_units: int) -> None:
-        self.tty = sys.stderr.isatty()
-        self.total_units = total_units
-        self.units_done = 0
-        self.failures = 0
-        self.bar = None
-        if self.tty:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_rows, unit="rollout", desc="generating")
-
-    def row(self, failed: bool) -> None:
-        self.failures += int(failed)
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(failed=self.failures)
-
-    def committed(self, marker: dict[str, Any]) -> None:
-        self.units_done += 1
-        if not self.tty:
-            print(f"[unit {self.units_done}/{self.total_units}] committed unit {marker['unit']}: "
-                  f"{marker['nsamples']} samples, {len(marker.get('errors', []))} failed", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def run(config: JobConfig) -> int:
-    """Run a resolved job; return the exit status (0 complete, 1 some units left uncommitted)."""
-    started = time.time()
+    """Run a resolved job; return the exit status (0 complete, 1 incomplete or another driver is
+    writing the output). Bad configuration, unusable inputs and outputs raise before any write, and
+    so does an input the store cannot serve now (:class:`pipeline.sources.InputUnavailable`)."""
     store = open_store(config)
     print(f"hero-rollouts: run {config.run_id}\n  input  {redact_text(config.input)}\n"
           f"  output {redact_text(store.url())}\n  model  {config.model.name} (accelerator: {config.accel.name})",
           flush=True)
+    sink = RolloutSink(store, config)
+    sink.inspect()
+    finished = sink.up_to_date()
+    if finished is not None:
+        counts = PlanCounts(finished["manifest_rows"], finished["units"]["total"], finished["units"]["total"], 0, True)
+        print(f"  plan   {counts.line()} (complete and intact: nothing written)", flush=True)
+        print_summary(finished)
+        return 0
+    check_input(config)
     try:
-        units, committed, unread = plan(config, store)  # before run.json: a bad input leaves no trace
-    except InputUnavailable as exc:
-        print(f"error: {exc}; nothing was planned past it, rerun to resume", file=sys.stderr, flush=True)
+        writer = sink.start()
+        counts, run_error = generate(config, sink, writer)
+        summary = sink.finalize(counts, run_error)
+    except (LeaseHeld, LeaseLost) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
-    check_run_record(store, config)
-    stale = sink.clean_stale(store, committed)
-    todo = [unit for unit in units if unit.number not in committed]
-    print(f"  plan   {sum(len(u.entries) for u in units)} rows in {len(units)} units; "
-          f"{len(committed)} already committed, {len(todo)} to do; "
-          f"{len(unread)} manifest files skipped or not fully read", flush=True)
-    new, failed, run_error = [], [], None
-    if todo:
-        new, failed, run_error = generate(config, store, todo)
-    committed = sink.committed_units(store)
-    this_run = {"wall_s": time.time() - started, "units_committed": len(new), "stale_removed": stale,
-                "transient_errors_retried": store.transient_errors,
-                "rollouts": sum(m["nsamples"] for m in new),
-                "frames": sum(m.get("stats", {}).get("frames", 0) for m in new)}
-    read_errors = [e.to_dict() for e in unread]
-    summary = build_summary(config, store, units, committed, read_errors, failed, run_error, this_run)
-    summary["preview"] = write_preview(store, committed)
-    sink.finalize(store, config.run_id, committed, summary, read_errors + failed)
+    finally:
+        sink.close()
     print_summary(summary)
     return 0 if summary["complete"] else 1
 
 
-def generate(config: JobConfig, store: Store, todo: list[Unit]
-             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
-    """Run the Ray Data plan for the units still to do and commit them as they complete."""
-    progress = Progress(sum(len(u.valid) for u in todo), len(todo))
-    committer = UnitCommitter(store, todo, progress)
-    committer.start_empty()
+def generate(config: JobConfig, sink: RolloutSink, writer: ShardWriter) -> tuple[PlanCounts, str | None]:
+    """Plan the units still to do and, if there are any, run the Ray Data plan over them while
+    the manifest streams; return the plan's counts and what stopped the run early (or None)."""
+    if sink.manifest_changed():
+        check_manifest(config, sink)
+    counts = PlanCounts()
+    todo = planned_units(config, sink.state.units, counts)
+    try:
+        first = next(todo, None)
+    except PlanMismatch as exc:
+        raise ConfigError("input", f"{exc}; the manifest changed since output {sink.store.url()} was written") from None
+    if first is None:
+        print(f"  plan   {counts.line()}", flush=True)
+        return counts, None
+    connect_ray(config)
+    import ray
+
+    from pipeline.stages import build_dataset, units_per_call
+    from pipeline.stages.feed import start_feed
+
+    feed = start_feed(FEED_BLOCKS_PER_ACTOR * config.generate.actors)
+    planner = Planner(itertools.chain([first], todo), feed, units_per_call(config), counts)
+    progress = Progress(counts, sink, feed, config.generate.actors)
     run_error = None
-    if any(unit.valid for unit in todo):
-        connect_ray(config)
-        try:
-            for row in build_dataset(config, todo).iter_rows():
-                committer.add(row)
-        except Exception as exc:
-            run_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            logger.error("generation stopped: %s", run_error)
-        finally:
-            progress.close()
-    new, failed = committer.finish()
-    if any(unit.valid for unit in todo):
+    try:
+        planner.start()
+        progress.start()
+        # whole blocks as they come, no prefetching: iter_rows would hold a finished unit back
+        # behind a slower one queued before it
+        for batch in build_dataset(config, feed, writer).iter_batches(batch_size=None, prefetch_batches=0):
+            for outcome in batch["outcome"]:
+                sink.commit(json.loads(outcome))
+    except LeaseLost:
+        raise
+    except Exception as exc:
+        run_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        logger.error("generation stopped: %s", run_error)
+    finally:
+        progress.stop()
+        ray.kill(feed)  # a planner still waiting on a full feed gives up
+        planner.join()
+        ray.shutdown()
+    return counts, run_error or planner.error
+
+
+def open_manifest(config: JobConfig) -> Manifest:
+    return read_manifest(config.input, config.sink.storage_options, config.limit, config.input_allow_empty)
+
+
+def check_input(config: JobConfig) -> None:
+    """Read the manifest up to its first row before anything is written, so that an input without
+    rows (a ConfigError naming ``input``, unless ``input_allow_empty``) or one the store cannot
+    serve now leaves no trace in the output."""
+    try:
+        next(iter(open_manifest(config)), None)
+    except InputError as exc:
+        raise ConfigError("input", str(exc)) from None
+
+
+def planned_units(config: JobConfig, committed: Mapping[int, Any], counts: PlanCounts) -> Iterator[Unit]:
+    """The manifest's units without a commit record in ``committed``, as the manifest streams,
+    counted into ``counts``; once the manifest is read, ``counts.unread`` holds the error records
+    of its files that were skipped or not fully read."""
+    manifest = open_manifest(config)
+    yield from units_to_do(plan_units(manifest, config.sink.rows_per_shard), committed, counts)
+    counts.unread = [problem.to_dict() for problem in manifest.problems]
+
+
+def check_manifest(config: JobConfig, sink: RolloutSink) -> None:
+    """Before any work on a changed manifest: every committed unit must match it (a ConfigError
+    naming ``input`` otherwise); then the run record takes the new manifest."""
+    try:
+        for _ in planned_units(config, sink.state.units, PlanCounts()):
+            pass
+    except PlanMismatch as exc:
+        raise ConfigError("input", f"{exc}; the manifest changed since output {sink.store.url()} was written; "
+                                   "give another --output or --run-id") from None
+    sink.accept_manifest()
+
+
+class Planner(threading.Thread):
+    """Feeds the units still to do, in blocks of ``per_block`` units, while the manifest is read;
+    closes the feed at the end and prints the plan's line. ``error`` says why it stopped early."""
+
+    def __init__(self, units: Iterator[Unit], feed: Any, per_block: int, counts: PlanCounts) -> None:
+        super().__init__(name="planner", daemon=True)
+        self.units, self.feed, self.per_block, self.counts = units, feed, per_block, counts
+        self.error: str | None = None
+
+    def run(self) -> None:
         import ray
 
-        ray.shutdown()
-    return new, failed, run_error
+        from pipeline.stages.units import unit_block
+
+        try:
+            while block := list(itertools.islice(self.units, self.per_block)):
+                ray.get(self.feed.put.remote(unit_block(block)))
+            ray.get(self.feed.close.remote())
+            print(f"  plan   {self.counts.line()}", flush=True)
+        except PlanMismatch as exc:
+            self.error = f"input: {exc}; the manifest changed during the run"
+        except Exception as exc:  # a manifest that cannot be read, or the feed killed as the run ends
+            self.error = f"planning stopped: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-def build_summary(config: JobConfig, store: Store, units: list[Unit], committed: dict[int, dict[str, Any]],
-                  read_errors: list[dict[str, Any]], failed: list[dict[str, Any]], run_error: str | None,
-                  this_run: dict[str, Any]) -> dict[str, Any]:
-    """The run's figures: what the dataset holds, what failed and why, and this run's throughput
-    (credentials masked: it is printed and stored)."""
-    errors = [e for m in committed.values() for e in m.get("errors", [])] + read_errors + failed
-    rollouts = sum(m["nsamples"] for m in committed.values())
-    frames = sum(m.get("stats", {}).get("frames", 0) for m in committed.values())
-    wall = max(this_run["wall_s"], 1e-9)
-    return redact({
-        "run_id": config.run_id, "input": config.input, "output": store.url(), "config": config.public_dict(),
-        "fingerprint": config.fingerprint(), "complete": len(committed) == len(units) and run_error is None,
-        "units": {"total": len(units), "committed": len(committed), "failed_to_commit": len(failed)},
-        "rollouts": rollouts, "frames": frames, "shards": sum(1 for m in committed.values() if m.get("shard")),
-        "bytes": sum(m.get("filesize", 0) for m in committed.values()),
-        "failures": len(errors), "failures_by_stage": dict(Counter(e.get("stage") for e in errors)),
-        "failures_by_field": dict(Counter(e.get("field") for e in errors)),
-        "checksum_failures": sum(m.get("checksum_failures", 0) for m in committed.values()),
-        "run_error": run_error,
-        "this_run": dict(this_run, rollouts_per_min=60 * this_run["rollouts"] / wall,
-                         frames_per_s=this_run["frames"] / wall),
-        "index": store.url(sink.INDEX_FILE), "errors_file": store.url(sink.ERRORS_FILE),
-    })
+class Progress(threading.Thread):
+    """A line every few seconds from the moment the plan starts, in a terminal and in `ray job
+    logs` alike: rows planned, blocks queued, actors ready, units committed, rollouts per minute."""
 
+    def __init__(self, counts: PlanCounts, sink: RolloutSink, feed: Any, actors: int) -> None:
+        super().__init__(name="progress", daemon=True)
+        self.counts, self.sink, self.feed, self.actors = counts, sink, feed, actors
+        self.started = time.time()
+        self.stopped = threading.Event()
 
-def write_preview(store: Store, committed: dict[int, dict[str, Any]]) -> str | None:
-    """preview.png (contact sheet of RGB and depth) and preview.gif of the run's first sample."""
-    from hero.preview import write_preview as render_preview
+    def start(self) -> None:
+        """Report once now, before the plan runs (so before any unit commits), then every
+        ``PROGRESS_EVERY_S`` seconds."""
+        self.report()
+        super().start()
 
-    first = next((m for _, m in sorted(committed.items()) if m.get("shard")), None)
-    if first is None:
-        return None
-    key = first["keys"][0]
-    try:
-        with tarfile.open(fileobj=io.BytesIO(store.read_bytes(first["shard"]))) as tar:
-            files = {name: tar.extractfile(f"{key}.{name}").read() for name in FIELDS}
-        sample = decode_sample(files)
-        with tempfile.TemporaryDirectory(prefix="hero-preview-") as tmp:
-            sheet, gif = render_preview(SimpleNamespace(rgb=sample["rgb"], depth=sample["depth"]), tmp, key)
-            store.write_bytes("preview.png", sheet.read_bytes())
-            store.write_bytes("preview.gif", gif.read_bytes())
-    except Exception as exc:  # a preview is a convenience: never fail a finished run over it
-        logger.warning("no preview: %s: %s", type(exc).__name__, exc)
-        return None
-    return store.url("preview.png")
+    def run(self) -> None:
+        while not self.stopped.wait(PROGRESS_EVERY_S):
+            self.report()
+
+    def report(self) -> None:
+        import ray
+
+        try:
+            feed = ray.get(self.feed.stats.remote(), timeout=FEED_STATS_TIMEOUT_S)
+            pipeline = (f"{feed['blocks_put'] - feed['blocks_taken']} blocks queued; "
+                        f"actors ready {feed['actors_ready']}/{self.actors}")
+        except Exception:  # the feed actor is still starting: the line goes out all the same
+            pipeline = f"feed starting; actors ready ?/{self.actors}"
+        elapsed = time.time() - self.started
+        done = self.sink.this_run
+        planned = f"{self.counts.rows} rows planned" + ("" if self.counts.done else " so far")
+        print(f"[progress] {elapsed:.0f} s: {planned}, {pipeline}; committed {done['units_committed']} units, "
+              f"{done['rollouts']} rollouts ({60 * done['rollouts'] / max(elapsed, 1e-9):.1f}/min)", flush=True)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.is_alive():
+            self.join()
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -349,7 +257,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     lines = [
         f"hero-rollouts: run {summary['run_id']} {status}",
         f"  rollouts    {summary['rollouts']} in the dataset ({summary['shards']} shards, "
-        f"{summary['bytes'] / 1e6:.1f} MB); {run['rollouts']} generated this run",
+        f"{summary['bytes'] / 1e6:.1f} MB); {run['rollouts']} generated by the last generating run",
         f"  frames      {summary['frames']}",
         f"  failures    {summary['failures']} ({by_stage}) -> {summary['errors_file']}",
         f"  throughput  {run['rollouts_per_min']:.2f} rollouts/min, {run['frames_per_s']:.2f} frames/s "
@@ -358,6 +266,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"  index       {summary['index']}",
         f"  preview     {summary['preview']}",
     ]
+    if run.get("damaged_found"):
+        lines.append(f"  repaired    {run['damaged_found']} units whose shards were missing or damaged")
     if summary["run_error"]:
         lines.append(f"  error       {summary['run_error']}")
     print("\n".join(lines), flush=True)

@@ -4,9 +4,10 @@
   shape and unit, and the conventions a trainer needs (OpenCV cameras, frame 0 = identity, what an
   action is, the frame rate, metric or relative depth, which poses are predicted and which
   commanded). :func:`pipeline.loader.read_schema` reads it back.
-- :func:`shard_metadata` is written beside every shard (``shards/shard-NNNNNN.parquet``): one row
-  per sample (id, task, frames, model, accelerator, quality figures), so a trainer can choose
-  samples without opening a tar (:func:`pipeline.loader.read_metadata`).
+- :func:`shard_metadata` is written beside every shard, by the worker that writes the shard
+  (``shards/<run id>-<unit>-<token>.parquet`` beside the ``.tar`` of that name): one row per
+  sample (id, task, frames, model, accelerator, quality figures), so a trainer can choose samples
+  without opening a tar (:func:`pipeline.loader.read_metadata`).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def schema_document(model: str, model_options: dict[str, Any] | None = None) -> 
                                    "actions_from", "accelerator", "timings", "schema_version", "audit (audited samples)"]},
         },
         "sample_files": list(FIELDS),
-        "shard_metadata": {"path": "shards/shard-NNNNNN.parquet beside shards/shard-NNNNNN.tar",
+        "shard_metadata": {"path": "beside each shard, the same name with .parquet for .tar",
                            "columns": list(METADATA_COLUMNS)},
     }
 
@@ -94,7 +95,7 @@ METADATA_COLUMNS = {
 
 
 def metadata_path(shard: str) -> str:
-    """Where a shard's metadata table lives: ``shards/shard-000003.tar`` -> ``shards/shard-000003.parquet``."""
+    """Where a shard's metadata table lives: ``shards/<name>.tar`` -> ``shards/<name>.parquet``."""
     root, _ = posixpath.splitext(shard)
     return f"{root}.parquet"
 

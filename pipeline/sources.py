@@ -84,7 +84,7 @@ def manifest_files(uri: str, storage_options: dict[str, Any] | None = None) -> L
         else:
             root, found = path.rsplit("/", 1)[0] if "/" in path else "", fs.glob(path.rstrip("/") + "*")
     except Exception as exc:
-        raise _input_failure(uri, exc) from None
+        raise input_failure(uri, exc) from None
     names = sorted(p for p in found if p.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES))
     hidden = [p for p in names if _is_hidden(p[len(root):])]
     files = [p for p in names if p not in hidden]
@@ -115,7 +115,7 @@ def _is_outage(exc: BaseException) -> bool:
     return False
 
 
-def _input_failure(uri: str, exc: Exception) -> Exception:
+def input_failure(uri: str, exc: Exception) -> Exception:
     """The error to stop with when the input itself cannot be listed or read."""
     reason = f"{redact_text(uri)}: {type(exc).__name__}: {redact_text(str(exc))}"
     if _is_outage(exc):
@@ -173,7 +173,7 @@ class Manifest:
                 first += 1
         except Exception as exc:
             if _is_outage(exc):
-                raise _input_failure(source, exc) from None
+                raise input_failure(source, exc) from None
             where = f"unreadable after line {line}, the rows before it are kept" if line else "unreadable"
             self.problems.append(file_error(source, f"{where}: {type(exc).__name__}: {redact_text(str(exc))}",
                                             line + 1 if line else None))

@@ -249,16 +249,15 @@ def fake_samples(keys: list[str], frames: int = 5, height: int = 8, width: int =
 
 
 def write_fake_run(store, keys: list[str], frames: int = 5, per_shard: int = 2, described: bool = True) -> None:
-    """A committed run of :func:`fake_samples`, ``per_shard`` samples a shard; ``described`` adds
-    schema.json and each shard's metadata table (what the sink writes since sample format 2)."""
-    from pipeline import sink
-    from pipeline.schema import SCHEMA_FILE, metadata_path, schema_document, shard_metadata
+    """A committed run of :func:`fake_samples`, ``per_shard`` samples a shard, with schema.json and
+    each shard's metadata table; without them (``described`` False) it is a run from before sample
+    format 2."""
+    from pipeline.schema import SCHEMA_FILE, metadata_path, schema_document
+    from pipeline.sink import write_committed_run
 
-    for unit, first in enumerate(range(0, len(keys), per_shard)):
-        samples = fake_samples(keys[first:first + per_shard], frames=frames)
-        marker = sink.commit_unit(store, unit, samples, {"rows": [], "errors": []})
-        if described:
-            store.write_bytes(metadata_path(marker["shard"]), shard_metadata(samples))
+    units = [fake_samples(keys[first:first + per_shard], frames=frames) for first in range(0, len(keys), per_shard)]
+    state = write_committed_run(store, "fake-run", units)
     if described:
         store.write_json(SCHEMA_FILE, schema_document("tiny"))
-    sink.finalize(store, "fake-run", sink.committed_units(store), {}, [])
+    else:
+        store.delete_many(metadata_path(committed.shard) for committed in state.units.values())

@@ -13,7 +13,7 @@ import os
 import re
 import shlex
 import subprocess
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import jsonschema
@@ -23,11 +23,13 @@ import ray.autoscaler
 import torch
 import yaml
 
+from jobs.scheduled import build_parser, slot_id
 from pipeline.cli import build_parser as generate_parser
 from pipeline.cli import load as load_job_config
-from pipeline.schedule import build_parser, run_id_from_submission_id, slot_id
 
 REPO = Path(__file__).resolve().parents[1]
+CRD_SCHEMAS = REPO / "tests" / "data" / "kuberay"  # extract_schemas.py there made them
+KUBERAY_VERSIONS = ("v1.6.2", "v1.7.0")
 CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 IMAGE_ROOT = "/opt/hero-rollouts"
@@ -154,6 +156,57 @@ def test_manifests_are_the_kuberay_kinds(manifests):
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?", doc["metadata"]["name"])
 
 
+def schema_errors(schema: dict, value, path: str = "") -> list[str]:
+    """Where ``value`` breaks a Kubernetes structural schema: unknown fields (kubectl's strict
+    validation refuses them), missing required fields, wrong types, values outside an enum."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if schema.get("x-kubernetes-int-or-string"):
+        return [] if isinstance(value, (int, str)) and not isinstance(value, bool) else [f"{path}: not int or string"]
+    if schema.get("x-pruned") and value not in ({}, [], None) and isinstance(value, (dict, list)):
+        return [f"{path}: the extracted schema lacks this part; rerun tests/data/kuberay/extract_schemas.py"]
+    kind = schema.get("type")
+    python_types = {"object": dict, "array": list, "string": str, "integer": int, "boolean": bool, "number": (int, float)}
+    if kind in python_types and (not isinstance(value, python_types[kind]) or (kind == "integer" and isinstance(value, bool))):
+        return [f"{path}: expected {kind}, got {type(value).__name__}"]
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"{path}: {value!r} not in {schema['enum']}"]
+    errors = []
+    if isinstance(value, dict) and "properties" in schema:
+        errors += [f"{path}.{key}: unknown field" for key in value if key not in schema["properties"]]
+        errors += [f"{path}.{key}: required" for key in schema.get("required", []) if key not in value]
+        for key, item in value.items():
+            if key in schema["properties"]:
+                errors += schema_errors(schema["properties"][key], item, f"{path}.{key}")
+    elif isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for key, item in value.items():
+            errors += schema_errors(schema["additionalProperties"], item, f"{path}.{key}")
+    elif isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            errors += schema_errors(schema["items"], item, f"{path}[{index}]")
+    return errors
+
+
+@pytest.mark.parametrize("version", KUBERAY_VERSIONS)
+def test_manifests_are_valid_for_kuberay_1_6_and_1_7(manifests, version):
+    schemas = json.loads((CRD_SCHEMAS / f"crd-{version}.json").read_text())
+    for name, doc in manifests.items():
+        assert schema_errors(schemas[doc["kind"]], doc) == [], name
+
+
+def test_the_schema_check_catches_what_kubectl_would_refuse(manifests):
+    schemas = {v: json.loads((CRD_SCHEMAS / f"crd-{v}.json").read_text()) for v in KUBERAY_VERSIONS}
+    with_time_zone = copy.deepcopy(manifests["raycronjob"])
+    with_time_zone["spec"]["timeZone"] = "Etc/UTC"
+    assert schema_errors(schemas["v1.6.2"]["RayCronJob"], with_time_zone) == [".spec.timeZone: unknown field"]
+    assert schema_errors(schemas["v1.7.0"]["RayCronJob"], with_time_zone) == []
+    broken = copy.deepcopy(manifests["rayjob"])
+    broken["spec"]["backoffLimit"] = "two"
+    del broken["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    assert schema_errors(schemas["v1.7.0"]["RayJob"], broken) == [
+        ".spec.backoffLimit: expected integer, got str", ".spec.rayClusterSpec.headGroupSpec.template: required"]
+
+
 def test_jobs_run_on_exactly_the_raycluster_spec(cluster_specs):
     assert cluster_specs["rayjob"] == cluster_specs["raycluster"]
     assert cluster_specs["raycronjob"] == cluster_specs["raycluster"]
@@ -255,7 +308,7 @@ def test_entrypoints_are_valid_jobs_with_the_config_they_name(manifests):
     cron_config = re.search(r'\$\{HERO_CONFIG:-([^}]+)\}', script)[1]
     commands = [
         entrypoint_tokens(manifests["rayjob"]["spec"]["entrypoint"]),
-        [*cron_command, "--run-id", slot],  # as `pipeline.schedule exec` completes it
+        [*cron_command, "--run-id", slot],  # as `jobs/scheduled.py exec` completes it
         ["python", "jobs/generate.py", "--config", str(REPO / cron_config), "--run-id", slot],
     ]
     for tokens in commands:
@@ -290,32 +343,33 @@ def test_launcher_nodes_sync_the_model_weights(launcher, weight_paths):
 def raycronjob_exec(manifests) -> tuple[str, int, list[str]]:
     """(schedule name, period minutes, job command) of the RayCronJob's exec entrypoint."""
     tokens = entrypoint_tokens(manifests["raycronjob"]["spec"]["jobTemplate"]["entrypoint"])
-    assert tokens[:3] == ["python", "-m", "pipeline.schedule"]
-    args = build_parser().parse_args(tokens[3:])
+    assert tokens[:2] == ["python", f"{IMAGE_ROOT}/jobs/scheduled.py"]
+    args = build_parser().parse_args(tokens[2:])
     assert args.command == "exec"
     command = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
     return args.name, args.period_minutes, command
 
 
-def test_raycronjob_derives_each_ticks_run_id_from_its_slot(manifests):
+def test_raycronjob_gives_every_retry_of_a_tick_the_slots_run_id(manifests):
+    """The run id comes from the launch time, never from the RayJob's name (random in KubeRay 1.6,
+    the tick's minute in 1.7): every launch between the tick and its deadline gets the tick's slot."""
     cron = manifests["raycronjob"]
     name, period, command = raycronjob_exec(manifests)
     options = generate_options(command)
     assert options.run_id is None  # the slot chooses it
     check_actor_pool_fits_the_gpu_group(options, cron["spec"]["jobTemplate"]["rayClusterSpec"])
-    tick = datetime(2026, 11, 22, 2, 0, tzinfo=timezone.utc)
-    # KubeRay names the tick's RayJob <raycronjob>-<unix minutes>; each (re)submission of it
-    # gets <rayjob>-<5 random characters> as its Ray submission id.
-    for suffix in ("bcdfg", "zx24k"):
-        submission = f"{cron['metadata']['name']}-{int(tick.timestamp()) // 60}-{suffix}"
-        assert run_id_from_submission_id(submission, name, period) == slot_id(name, tick, period)
+    minute, hour = (int(field) for field in cron["spec"]["schedule"].split()[:2])
+    tick = datetime(2026, 11, 22, hour, minute, tzinfo=timezone.utc)
+    deadline = cron["spec"]["jobTemplate"]["activeDeadlineSeconds"]
+    launches = [tick + timedelta(seconds=s) for s in (0, 60, deadline // 2, deadline)]
+    assert {slot_id(name, at, period) for at in launches} == {slot_id(name, tick, period)}
 
 
 def test_raycronjob_schedule_retries_and_deadline_fit_its_period(manifests):
     spec = manifests["raycronjob"]["spec"]
     _, period, _ = raycronjob_exec(manifests)
     assert daily_schedule(spec["schedule"]) and period == 1440
-    assert spec["timeZone"] in {"Etc/UTC", "UTC"}
+    assert "timeZone" not in spec  # KubeRay 1.6 has no such field; the operator's zone is UTC
     job = spec["jobTemplate"]
     assert job["backoffLimit"] >= 1
     assert job["submitterConfig"]["backoffLimit"] >= 1

@@ -1,6 +1,7 @@
 """The embedded default, end to end: the shipped manifest and model through jobs/generate.py on a
-real Ray instance; its shards read back through pipeline.loader, plain webdataset and wids; a
-rerun of the finished run is a no-op; a bad configuration fails before any work with status 2."""
+real Ray instance, with a quality audit; its shards, schema.json and metadata tables read back
+through pipeline.loader, plain webdataset and wids; a rerun of the finished run is a no-op; a bad
+configuration fails before any work with status 2."""
 
 from __future__ import annotations
 
@@ -16,17 +17,20 @@ from conftest import REPO, run_job
 
 from pipeline.cli import load
 from pipeline.config import ConfigError
-from pipeline.loader import random_access, rollout_dataset, shard_urls
+from pipeline.audit import is_audited
+from pipeline.loader import random_access, read_metadata, read_schema, rollout_dataset, shard_urls
+from pipeline.schema import metadata_path
 from pipeline.sources import default_manifest, read_manifest
 
 ROWS = 3
+AUDIT_FRACTION = 0.5  # of the first three rows, only the short one is audited
+ARGS = ["--limit", str(ROWS), "--steps", "1", "--rows-per-shard", "2", "--set", f"audit.fraction={AUDIT_FRACTION}"]
 
 
 @pytest.fixture(scope="module")
 def default_run(ray_head, tmp_path_factory):
     output = tmp_path_factory.mktemp("default-run") / "out"
-    result = run_job(["--limit", str(ROWS), "--steps", "1", "--rows-per-shard", "2", "--output", str(output)],
-                     ray_head.env)
+    result = run_job([*ARGS, "--output", str(output)], ray_head.env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return output, result
 
@@ -45,8 +49,14 @@ def test_default_run_writes_every_row_with_toyworld_and_long_rollouts(default_ru
     assert summary["frames"] == sum(frames.values())
     assert (output / "errors.jsonl").read_text() == ""
     assert (output / "preview.png").stat().st_size > 0
-    assert os.listdir(output / "_staging") == []
+    index = json.loads((output / "index.json").read_text())
+    assert sorted(s["url"] for s in index["shardlist"]) == sorted(f"shards/{p.name}" for p in (output / "shards").glob("*.tar"))
     assert f"rollouts    {ROWS} in the dataset" in result.stdout and str(output) in result.stdout
+    first_progress = next(line for line in result.stdout.splitlines() if line.startswith("[progress]"))
+    assert "committed 0 units" in first_progress  # a person watching sees the run start before any commit
+    # prep runs as its own tasks, never fused into the actors (docs/pipeline.md)
+    assert ("TaskPoolMapOperator[MapBatches(prepare_units)] -> ActorPoolMapOperator[MapBatches(GenerateUnits)]"
+            in result.stdout + result.stderr)
     keys = [s["__key__"] for s in rollout_dataset(str(output))]
     assert keys == list(frames)
 
@@ -67,6 +77,20 @@ def test_shards_read_back_with_the_right_shapes(default_run):
         assert meta["task"] in ("prediction", "planning", "reconstruction")
 
 
+def test_the_run_describes_its_samples_and_audits_its_accelerator(default_run):
+    output, _ = default_run
+    assert read_schema(str(output))["model"]["name"] == "toyworld"
+    index = json.loads((output / "index.json").read_text())
+    assert all((output / metadata_path(shard["url"])).exists() for shard in index["shardlist"])
+    assert read_metadata(str(output)).column("id").to_pylist() == list(default_frames())
+    audited = [key for key in default_frames() if is_audited(key, AUDIT_FRACTION)]
+    assert len(audited) == 1
+    metas = {s["__key__"]: s["meta"] for s in rollout_dataset(str(output))}
+    assert [key for key, meta in metas.items() if "audit" in meta] == audited
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["audit"]["hero"]["audited"] == 1 and summary["audit"]["hero"]["failed"] == 0
+
+
 def test_plain_webdataset_and_wids_read_the_run(default_run, tmp_path):
     output, _ = default_run
     plain = list(wds.WebDataset(shard_urls(str(output)), shardshuffle=False).decode())
@@ -78,14 +102,13 @@ def test_plain_webdataset_and_wids_read_the_run(default_run, tmp_path):
     assert dataset[ROWS - 1]["rgb"].shape == (frames[ROWS - 1], 3, 48, 64)
 
 
-def test_rerun_of_a_finished_run_is_a_noop(default_run, ray_head):
+def test_rerun_of_a_finished_run_writes_nothing(default_run, ray_head):
     output, _ = default_run
-    before = {p.name: p.stat().st_mtime_ns for p in (output / "shards").iterdir()}
-    result = run_job(["--limit", str(ROWS), "--steps", "1", "--rows-per-shard", "2", "--output", str(output)],
-                     ray_head.env)
+    before = {str(p.relative_to(output)): p.stat().st_mtime_ns for p in output.rglob("*")}
+    result = run_job([*ARGS, "--output", str(output)], dict(ray_head.env, RAY_ADDRESS="127.0.0.1:1"))  # and starts no Ray
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "0 to do" in result.stdout
-    assert {p.name: p.stat().st_mtime_ns for p in (output / "shards").iterdir()} == before
+    assert "0 to do (complete and intact: nothing written)" in result.stdout
+    assert {str(p.relative_to(output)): p.stat().st_mtime_ns for p in output.rglob("*")} == before
 
 
 @pytest.mark.parametrize("args,key", [

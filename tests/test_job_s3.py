@@ -15,6 +15,7 @@ from PIL import Image
 from pipeline import faults
 from pipeline.examples import bad_rows, example_rows, write_manifest
 from pipeline.loader import rollout_dataset
+from pipeline.schema import metadata_path
 
 
 def test_s3_job_with_bad_rows_transient_errors_and_a_dying_actor(ray_head, s3_server, tmp_path, monkeypatch):
@@ -34,7 +35,7 @@ def test_s3_job_with_bad_rows_transient_errors_and_a_dying_actor(ray_head, s3_se
                          "observation.image")]
     fs.pipe_file(f"{bucket}/manifests/part-001.jsonl", "".join(line + "\n" for line, _ in bad).encode())
 
-    s3_server.fail("PUT", r"/out/_staging/", times=2)
+    s3_server.fail("PUT", r"/out/shards/", times=2)
     env = dict(ray_head.env, **s3_server.env, HERO_FAULT_DIR=str(tmp_path / "faults"), HERO_FAULT_ACTOR_EXIT="1")
     result = run_job(["--input", f"{bucket}/manifests/", "--output", f"{bucket}/out", "--steps", "1",
                       "--rows-per-shard", "4"], env)
@@ -66,4 +67,6 @@ def test_s3_job_with_bad_rows_transient_errors_and_a_dying_actor(ray_head, s3_se
                   + json.dumps([s["meta"] for s in rollout_dataset(f"{bucket}/out")]))
     assert AWS_TEST_ENV["AWS_SECRET_ACCESS_KEY"] not in everything
     fs.invalidate_cache()
-    assert fs.find(f"{bucket}/out/_staging") == []
+    index = json.loads(fs.cat_file(f"{bucket}/out/index.json"))
+    listed = sorted(fs.unstrip_protocol(path) for path in fs.find(f"{bucket}/out/shards"))
+    assert sorted(f"{bucket}/out/{url}" for s in index["shardlist"] for url in (s["url"], metadata_path(s["url"]))) == listed

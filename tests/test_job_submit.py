@@ -1,6 +1,7 @@
 """`ray job submit --working-dir . -- python jobs/generate.py ...` against the session's
 `ray start --head` on loopback: the job succeeds and writes its output; a reused submission id
-(a schedule slot launched twice) is refused."""
+(a schedule slot launched twice) is refused; the same command submitted from another copy of the
+checkout (Ray runs each from its own temporary copy) lands in the same run and writes nothing."""
 
 from __future__ import annotations
 
@@ -32,23 +33,32 @@ def checkout_copy(destination):
 def submit(ray_head, workdir, submission_id, output):
     command = [str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--working-dir", ".",
                "--submission-id", submission_id, "--", "python", "jobs/generate.py", "--limit", "1",
-               "--steps", "1", "--rows-per-shard", "1", "--output", str(output)]
+               "--steps", "1", "--rows-per-shard", "1", "--output", output]
     return subprocess.run(["nice", "-n", "10", *command], cwd=workdir, env=ray_head.env, capture_output=True,
                           text=True, timeout=900)
 
 
-def test_ray_job_submit_runs_the_job(ray_head, tmp_path):
+def test_ray_job_submit_runs_the_job_and_any_checkout_lands_in_its_run(ray_head, tmp_path):
     if ray_head.dashboard is None:
         pytest.skip("the session's Ray head was started without the dashboard (HERO_TEST_NO_DASHBOARD=1)")
     workdir = checkout_copy(tmp_path / "checkout")
-    output = tmp_path / "job-output"
-    result = submit(ray_head, workdir, "hero-test-slot-1", output)
+    runs = tmp_path / "runs"
+    result = submit(ray_head, workdir, "hero-test-slot-1", f"{runs}/{{run_id}}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout.lower()
+    (output,) = runs.iterdir()  # the run id the job derived names its output
     summary = json.loads((output / "summary.json").read_text())
     assert summary["complete"] and summary["rollouts"] == 1
     expected = [e.row.id for e in read_manifest(default_manifest(), limit=1)]
     assert [s["__key__"] for s in rollout_dataset(str(output))] == expected
 
-    again = submit(ray_head, workdir, "hero-test-slot-1", output)
+    again = submit(ray_head, workdir, "hero-test-slot-1", f"{runs}/{{run_id}}")
     assert again.returncode != 0
+
+    before = {str(p.relative_to(output)): p.stat().st_mtime_ns for p in output.rglob("*")}
+    elsewhere = checkout_copy(tmp_path / "another-checkout")
+    same = submit(ray_head, elsewhere, "hero-test-slot-2", f"{runs}/{{run_id}}")
+    assert same.returncode == 0, same.stdout[-3000:] + same.stderr[-3000:]
+    assert "complete and intact: nothing written" in same.stdout
+    assert list(runs.iterdir()) == [output]
+    assert {str(p.relative_to(output)): p.stat().st_mtime_ns for p in output.rglob("*")} == before

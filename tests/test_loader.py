@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 
 import pytest
@@ -35,11 +36,16 @@ def local_run(tmp_path_factory):
     return str(out)
 
 
+def middle_shard(run: str) -> str:
+    """The name of the run's second shard (unit 1), as its index lists it."""
+    return os.path.basename(shard_urls(run)[1])
+
+
 def damaged_copy(local_run: str, tmp_path, damage) -> str:
-    """A copy of the run whose middle shard (``shards/shard-000001.tar``) went through ``damage(path)``."""
+    """A copy of the run whose middle shard (:func:`middle_shard`) went through ``damage(path)``."""
     copy = str(tmp_path / "damaged")
     shutil.copytree(local_run, copy)
-    damage(os.path.join(copy, "shards", "shard-000001.tar"))
+    damage(os.path.join(copy, "shards", middle_shard(local_run)))
     return copy
 
 
@@ -131,7 +137,7 @@ def test_schema_and_shard_metadata_are_read_back(local_run):
     assert rollout_dataset(local_run).schema["fps"] == 12
     table = read_metadata(local_run)
     assert table.column("id").to_pylist() == KEYS
-    assert table.column("shard").to_pylist()[0] == "shards/shard-000000.tar"
+    assert table.column("shard").to_pylist()[0] == os.path.relpath(shard_urls(local_run)[0], local_run)
     assert table.column("path_length").to_pylist()[0] == pytest.approx(0.4, abs=1e-5)
 
 
@@ -178,9 +184,9 @@ DAMAGE = {"truncated at a member boundary": truncate_at_member_boundary, "cut mi
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_shard_is_named_by_the_stream(local_run, tmp_path, damage):
     run = damaged_copy(local_run, tmp_path, DAMAGE[damage])
-    with pytest.raises(ShardError, match="shard-000001.tar") as error:
+    with pytest.raises(ShardError, match=re.escape(middle_shard(local_run))) as error:
         list(rollout_dataset(run))
-    assert error.value.url.endswith("shards/shard-000001.tar")
+    assert error.value.url.endswith(f"shards/{middle_shard(local_run)}")
 
 
 @pytest.mark.parametrize("damage", ["truncated at a member boundary", "cut mid-member"])
@@ -189,19 +195,19 @@ def test_skip_leaves_the_damaged_shard_out_and_reports_it(local_run, tmp_path, d
     with caplog.at_level(logging.WARNING, logger="pipeline.loader"):
         keys = [s["__key__"] for s in rollout_dataset(run, on_error="skip")]
     assert keys == KEYS[:2] + KEYS[4:]
-    assert "shard-000001.tar" in caplog.text
+    assert middle_shard(local_run) in caplog.text
 
 
 def test_random_access_verifies_shards(local_run, tmp_path, caplog):
     run = damaged_copy(local_run, tmp_path, truncate_at_member_boundary)
     dataset = random_access(run, cache_dir=str(tmp_path / "cache"))
     assert dataset[0]["__key__"] == KEYS[0]
-    with pytest.raises(ShardError, match="shard-000001.tar"):
+    with pytest.raises(ShardError, match=re.escape(middle_shard(local_run))):
         dataset[2]
     with caplog.at_level(logging.WARNING, logger="pipeline.loader"):
         skipping = random_access(run, cache_dir=str(tmp_path / "cache2"), on_error="skip")
     assert len(skipping) == 4 and skipping[2]["__key__"] == KEYS[4]
-    assert "shard-000001.tar" in caplog.text
+    assert middle_shard(local_run) in caplog.text
 
 
 def test_loader_reads_from_s3(s3_server, tmp_path, monkeypatch):

@@ -87,7 +87,7 @@ def test_duplicate_ids_fail_after_the_first(tmp_path):
     rows = example_rows(3)
     path = tmp_path / "m.jsonl"
     write_manifest(rows + [rows[1]], str(path))
-    units = plan_units(list(read_manifest(str(path))), rows_per_shard=2)
+    units = list(plan_units(read_manifest(str(path)), rows_per_shard=2))
     errors = [e for u in units for e in u.errors]
     assert [(e.id, e.field, e.line) for e in errors] == [(rows[1]["id"], "id", 4)]
     assert [e.row.id for u in units for e in u.valid] == [r["id"] for r in rows]

@@ -20,12 +20,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.manifest import SAFE_ID
-from pipeline.schedule import (
+from jobs.scheduled import (
     EXIT_OK,
     EXIT_STOPPED,
     EXIT_USAGE,
-    KUBERAY_CRON_SUBMISSION_PATTERN,
     RAY_JOB_CONFIG_ENV,
     SLOT_ID_PATTERN,
     ScheduleError,
@@ -38,6 +36,7 @@ from pipeline.schedule import (
     slot_time,
     with_run_id,
 )
+from pipeline.manifest import SAFE_ID
 
 REPO = Path(__file__).resolve().parents[1]
 UTC = timezone.utc
@@ -49,7 +48,7 @@ def at(text: str) -> datetime:
 
 def run_schedule_cli(args, env, timeout=180) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.schedule", *args],
+        [sys.executable, str(REPO / "jobs" / "scheduled.py"), *args],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )
 
@@ -134,24 +133,13 @@ def test_finished_attempt_decides_the_slots_next_step(status, exit_code, observe
     assert finished_attempt_exit(status, exit_code, observed) == expected
 
 
-# --- RayCronJob submission ids ---------------------------------------------------------------
+# --- RayCronJob ticks ---------------------------------------------------------------------------
 
 
-def kuberay_cron_submission_id(cronjob: str, tick: datetime, suffix: str = "bcdfg") -> str:
-    """What KubeRay names the Ray job of a RayCronJob tick: RayJob ``<cronjob>-<unix minutes>``,
-    submission id ``<rayjob>-<5 random>``."""
-    return f"{cronjob}-{int(tick.timestamp()) // 60}-{suffix}"
-
-
-def test_raycronjob_submission_id_maps_to_the_slot_of_its_tick():
-    tick = at("2026-11-22T02:00Z")
-    for suffix in ("bcdfg", "x2z9k"):  # every retry of the tick gets a new random suffix
-        submission = kuberay_cron_submission_id("hero-nightly", tick, suffix)
-        assert KUBERAY_CRON_SUBMISSION_PATTERN.fullmatch(submission)
-        assert run_id_from_submission_id(submission, "nightly") == "hero-nightly-20261122T0200"
-        assert run_id_from_submission_id(submission, "nightly", 1440) == slot_id(
-            "nightly", at("2026-11-22T05:00Z"), 1440
-        )
+def kuberay_submission_ids(cronjob: str, tick: datetime) -> dict[str, str]:
+    """What KubeRay calls the Ray job of a RayCronJob tick: RayJob ``<cronjob>-<5 random>`` (1.6)
+    or ``<cronjob>-<unix minutes>`` (1.7), submission id ``<rayjob>-<5 random>``."""
+    return {"1.6": f"{cronjob}-x7k2q-bcdfg", "1.7": f"{cronjob}-{int(tick.timestamp()) // 60}-bcdfg"}
 
 
 @pytest.mark.parametrize(
@@ -159,11 +147,11 @@ def test_raycronjob_submission_id_maps_to_the_slot_of_its_tick():
     [
         ("hero-generate-bcdfg", "nightly", "submission id"),  # a one-off RayJob, not a schedule
         ("raysubmit_abc123", "nightly", "submission id"),  # Ray's random default
-        ("hero-nightly-29000000-bcdfg", None, "name"),
+        ("hero-nightly-29000000-bcdfg", None, "submission id"),  # a RayCronJob tick: no slot in it
         ("hero-weekly-20261122T0000", "nightly", "submission id"),
     ],
 )
-def test_unscheduled_or_mismatched_submission_ids_are_refused(submission, name, field):
+def test_submission_ids_that_are_not_slot_ids_name_no_run(submission, name, field):
     with pytest.raises(ScheduleError, match=field):
         run_id_from_submission_id(submission, name)
 
@@ -190,17 +178,20 @@ def test_cli_exits_2_with_the_field_on_bad_input():
     assert "name 'Bad_Name'" in result.stderr
 
 
-def test_exec_runs_the_job_command_with_its_slot_run_id():
+@pytest.mark.parametrize("kuberay", ["1.6", "1.7"])
+def test_exec_runs_the_job_command_with_the_slot_of_its_launch(kuberay):
     tick = at("2026-11-22T02:00Z")
-    submission = kuberay_cron_submission_id("hero-nightly", tick)
+    submission = kuberay_submission_ids("hero-nightly", tick)[kuberay]
     env = dict(os.environ, **{RAY_JOB_CONFIG_ENV: json.dumps(
         {"metadata": {"job_submission_id": submission}}
     )})
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     command = [sys.executable, "-c", "import sys; print('argv', sys.argv[1:])"]
-    result = run_schedule_cli(["exec", "--name", "nightly", "--", *command], env)
-    assert result.returncode == 0, result.stderr
-    assert "argv ['--run-id', 'hero-nightly-20261122T0200']" in result.stdout
+    for launched in ("2026-11-22T02:00Z", "2026-11-22T21:40Z"):  # the tick, and a late retry of it
+        result = run_schedule_cli(["exec", "--name", "nightly", "--period-minutes", "1440", "--at", launched,
+                                   "--", *command], env)
+        assert result.returncode == 0, result.stderr
+        assert "argv ['--run-id', 'hero-nightly-20261122T0000']" in result.stdout
+        assert f"submission {submission}" in result.stdout
     refused = run_schedule_cli(["exec", "--name", "nightly", "--", *command], os.environ.copy())
     assert refused.returncode == 2
     assert RAY_JOB_CONFIG_ENV in refused.stderr
@@ -236,7 +227,7 @@ STAND_IN_GENERATE = """\
 # Stands in for jobs/generate.py: records its arguments, dies on its first run, then succeeds.
 import pathlib, sys
 sys.path.insert(0, {repo!r})
-from pipeline.schedule import current_submission_id, run_id_from_submission_id
+from jobs.scheduled import current_submission_id, run_id_from_submission_id
 print("argv", sys.argv[1:])
 print("derived", run_id_from_submission_id(current_submission_id()))
 marker = pathlib.Path({marker!r})
@@ -252,6 +243,7 @@ def cron_checkout(root: Path, marker: Path) -> Path:
     script.parent.mkdir(parents=True)
     shutil.copy2(REPO / "cluster" / "cron" / "generate-slot.sh", script)
     (root / "jobs").mkdir()
+    shutil.copy2(REPO / "jobs" / "scheduled.py", root / "jobs" / "scheduled.py")
     (root / "jobs" / "generate.py").write_text(
         STAND_IN_GENERATE.format(repo=str(REPO), marker=str(marker))
     )

@@ -21,12 +21,12 @@ at="${HERO_AT:-$(date -u +%Y-%m-%dT%H:%M:%SZ)}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 
 cd "$repo"
-slot="$("$python" -m pipeline.schedule slot-id --name "$name" --period-minutes "$period_minutes" --at "$at")"
+slot="$("$python" jobs/scheduled.py slot-id --name "$name" --period-minutes "$period_minutes" --at "$at")"
 echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) slot $slot -> $RAY_ADDRESS"
 
 generate=(python jobs/generate.py --config "$config")
 if [[ -n "${HERO_INPUT:-}" ]]; then generate+=(--input "$HERO_INPUT"); fi
 if [[ -n "${HERO_OUTPUT:-}" ]]; then generate+=(--output "$HERO_OUTPUT"); fi
 
-exec "$python" -m pipeline.schedule submit --name "$name" --period-minutes "$period_minutes" \
+exec "$python" jobs/scheduled.py submit --name "$name" --period-minutes "$period_minutes" \
     --at "$at" --address "$RAY_ADDRESS" --working-dir . -- "${generate[@]}"

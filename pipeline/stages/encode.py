@@ -1,4 +1,7 @@
-"""CPU encode stage (Ray tasks): a rollout to its sample files (``pipeline.samples``), one blob per row."""
+"""Encode stage and write path (Ray tasks): each unit's rollouts become sample files
+(``pipeline.samples``), and the same worker writes them as the unit's shard and commits it through
+the sink's :class:`~pipeline.sink.ShardWriter`. Only the commit record (metadata) goes on to the
+driver; sample bytes never leave the worker."""
 
 from __future__ import annotations
 
@@ -10,23 +13,37 @@ import numpy as np
 from hero.models.base import Rollout
 from pipeline.redact import redact
 from pipeline.samples import encode_sample
-from pipeline.stages.rows import columns, error_json, pack_files, rows, unpack
+from pipeline.sink import ShardWriter
+from pipeline.stages.rows import columns, error_json, rows, unpack
+from pipeline.stages.units import unpack_rows
+
+OUTCOME_COLUMNS = ("unit", "outcome")
 
 
-def encode_batch(batch: dict[str, np.ndarray], run_id: str, model: str) -> dict[str, np.ndarray]:
-    """CPU encode stage (Ray tasks): rollouts to sample files (rgb.mp4, depth.npz, camera.npz,
-    action.npy, meta.json), packed into one blob per row."""
+def encode_and_write(batch: dict[str, np.ndarray], writer: ShardWriter, model: str) -> dict[str, np.ndarray]:
+    """Encode every unit in ``batch`` and commit it; one ``outcome`` (JSON: the commit record, or
+    why the unit could not commit) per unit."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
     out = []
-    for item in rows(batch):
-        files: dict[str, bytes] = {}
-        if not item["error"]:
-            try:
-                files = _encode(item, run_id, model)
-            except Exception as exc:
-                item["error"] = error_json(item["id"], "rollout", f"{type(exc).__name__}: {exc}", "encode")
-        out.append({"unit": item["unit"], "position": item["position"], "id": item["id"],
-                    "error": item["error"], "files": pack_files(files)})
-    return columns(out, ("unit", "position", "id", "error", "files"))
+    for unit in rows(batch):
+        plan = json.loads(unit["plan"])
+        samples, metas, errors = [], [], list(plan["errors"])
+        for item in sorted(unpack_rows(unit["rows"]), key=lambda r: r["position"]):
+            if not item["error"]:
+                try:
+                    files = _encode(item, writer.run_id, model)
+                    samples.append((item["id"], files))
+                    metas.append(json.loads(files["meta.json"]))
+                    continue
+                except Exception as exc:
+                    item["error"] = error_json(item["id"], "rollout", f"{type(exc).__name__}: {exc}", "encode")
+            source, line = plan["where"][str(item["position"])]
+            errors.append(dict(json.loads(item["error"]), source=source, line=line))
+        outcome = writer.write(int(unit["unit"]), samples, metas, errors, plan, node)
+        out.append({"unit": unit["unit"], "outcome": json.dumps(outcome)})
+    return columns(out, OUTCOME_COLUMNS)
 
 
 def _encode(item: dict[str, Any], run_id: str, model: str) -> dict[str, bytes]:

@@ -1,4 +1,4 @@
-"""Schedule slots -> run ids and Ray submission ids, so a scheduled launch runs once per slot.
+"""Scheduled runs: schedule slots -> run ids and Ray submission ids, so a slot runs once.
 
 A slot is a UTC time floored to the schedule's period. Its id, ``hero-<name>-<YYYYmmddTHHMM>``,
 is both the run id of the slot's output (re-running it resumes, or is a no-op once complete) and
@@ -6,12 +6,15 @@ the Ray submission id of its first attempt; an attempt that failed is followed b
 ``<slot>-r2``, ..., which resume the same run. Ray rejects a reused submission id, so each attempt
 launches at most once.
 
-    python -m pipeline.schedule slot-id --name nightly --period-minutes 1440
-    python -m pipeline.schedule submit --name nightly --period-minutes 1440 -- python jobs/...
-    python -m pipeline.schedule exec --name nightly --period-minutes 1440 -- python jobs/...
+    python jobs/scheduled.py slot-id --name nightly --period-minutes 1440
+    python jobs/scheduled.py submit --name nightly --period-minutes 1440 -- python jobs/generate.py ...
+    python jobs/scheduled.py exec --name nightly --period-minutes 1440 -- python jobs/generate.py ...
 
-``submit`` is what cron runs; ``exec`` is the entrypoint of a KubeRay RayCronJob, whose per-tick
-submission ids (``<raycronjob>-<unix minutes>-<5 random>``) it maps back to the same slot id.
+``submit`` is what cron runs. ``exec`` is the entrypoint of a KubeRay RayCronJob: it runs the job
+with the run id of the slot its launch time falls in. The slot never depends on how KubeRay names a
+tick's RayJob (``<raycronjob>-<5 random>`` up to 1.6, ``<raycronjob>-<unix minutes>`` from 1.7), so
+every retry of a tick resumes the same run on both, as long as the tick and its retries fall in one
+period (a daily tick at 02:00 UTC with a deadline under 22 hours).
 """
 
 from __future__ import annotations
@@ -34,9 +37,6 @@ NAME_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 SLOT_ID_PATTERN = re.compile(
     rf"(?P<slot>{SLOT_PREFIX}-(?P<name>[a-z0-9-]+)-(?P<stamp>\d{{8}}T\d{{4}}))"
     r"(?:-r(?P<attempt>[1-9]\d*))?"
-)
-KUBERAY_CRON_SUBMISSION_PATTERN = re.compile(
-    r"(?P<cronjob>[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)-(?P<minutes>\d{7,})-(?P<suffix>[a-z0-9]{5})"
 )
 SLOT_ID_SHAPE = f"{SLOT_PREFIX}-<name>-<YYYYmmddTHHMM>[-r<n>]"
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -102,33 +102,15 @@ def parse_slot_id(text: str) -> tuple[str, int]:
     return match["slot"], int(match["attempt"] or 0)
 
 
-def run_id_from_submission_id(
-    submission_id: str, name: str | None = None, period_minutes: int = 1
-) -> str:
-    """The run id a Ray job with this submission id writes to.
-
-    Accepts this module's slot and attempt ids, and KubeRay RayCronJob ids
-    ``<raycronjob>-<unix minutes>-<suffix>`` (which need ``name``); anything else is an error,
-    so an unscheduled submission never invents a run id.
-    """
-    slot_match = SLOT_ID_PATTERN.fullmatch(submission_id)
-    if slot_match:
-        if name is not None and slot_match["name"] != name:
-            raise ScheduleError(
-                f"submission id {submission_id!r}: belongs to schedule "
-                f"{slot_match['name']!r}, not {name!r}"
-            )
-        return parse_slot_id(submission_id)[0]
-    match = KUBERAY_CRON_SUBMISSION_PATTERN.fullmatch(submission_id)
+def run_id_from_submission_id(submission_id: str, name: str | None = None) -> str:
+    """The run id of a slot or attempt submission id (``<slot>`` or ``<slot>-r<n>``); anything
+    else is an error, so an unscheduled submission never invents a run id."""
+    match = SLOT_ID_PATTERN.fullmatch(submission_id)
     if match is None:
-        raise ScheduleError(
-            f"submission id {submission_id!r}: neither a slot id ({SLOT_ID_SHAPE}) nor a "
-            "RayCronJob id (<raycronjob>-<unix minutes>-<suffix>)"
-        )
-    if name is None:
-        raise ScheduleError(f"name: needed to map RayCronJob submission id {submission_id!r}")
-    tick = datetime.fromtimestamp(int(match["minutes"]) * 60, tz=timezone.utc)
-    return slot_id(name, tick, period_minutes)
+        raise ScheduleError(f"submission id {submission_id!r}: not a slot id ({SLOT_ID_SHAPE})")
+    if name is not None and match["name"] != name:
+        raise ScheduleError(f"submission id {submission_id!r}: belongs to schedule {match['name']!r}, not {name!r}")
+    return parse_slot_id(submission_id)[0]
 
 
 def current_submission_id(environ: Mapping[str, str] = os.environ) -> str:
@@ -274,9 +256,9 @@ def parse_time(text: str) -> datetime:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m pipeline.schedule`` command line."""
+    """The ``python jobs/scheduled.py`` command line."""
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.schedule", description=__doc__.split("\n\n")[0]
+        prog="python jobs/scheduled.py", description=__doc__.split("\n\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -309,9 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_entrypoint(submit)
 
     execute = commands.add_parser(
-        "exec", help="as a Ray job's entrypoint: run the command with its slot's --run-id"
+        "exec", help="as a Ray job's entrypoint: run the command with the --run-id of the slot "
+        "its launch time falls in"
     )
     add_slot_options(execute)
+    execute.add_argument("--at", type=parse_time, help="the launch time; default now")
     add_entrypoint(execute)
     return parser
 
@@ -322,7 +306,7 @@ def strip_separator(args: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m pipeline.schedule``; returns the exit status."""
+    """Entry point of ``python jobs/scheduled.py``; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "slot-id":
@@ -331,9 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "exec":
             submission_id = current_submission_id()
-            run_id = run_id_from_submission_id(submission_id, args.name, args.period_minutes)
+            launched = args.at or datetime.now(timezone.utc)
+            run_id = slot_id(args.name, launched, args.period_minutes)
             command = with_run_id(strip_separator(args.entrypoint), run_id)
-            print(f"[schedule] submission {submission_id} -> run id {run_id}", flush=True)
+            print(f"[schedule] submission {submission_id}, launched {launched.isoformat()} -> run id {run_id}",
+                  flush=True)
             os.execvp(command[0], command)
         slot = slot_id(args.name, args.at or datetime.now(timezone.utc), args.period_minutes)
         submitter = SlotSubmitter(
