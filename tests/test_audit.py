@@ -36,21 +36,31 @@ def test_audit_fraction_is_validated():
         build_config(overrides={"audit.fraction": 1.5})
 
 
-def generate(accel: str, fraction: float) -> dict:
-    """One row through prep and a generate actor (tiny random model) in this process; its meta."""
+def generate(accel: str, fraction: float, generations: int = 1) -> dict:
+    """One row through prep and a generate actor (tiny random model) in this process,
+    ``generations`` times; the last one's meta."""
     spec = model_spec("tiny")
     item = {"unit": 0, "position": 0, "id": ROW["id"], "row": ManifestRow.model_validate(ROW).model_dump_json(),
             "error": ""}
     prepared = prepare_batch(columns([item], ("unit", "position", "id", "row", "error")), spec=spec, storage_options={})
     actor = GenerateRollouts("tiny", {}, accel, {}, steps=None, audit={"fraction": fraction, "seed": 0})
-    [out] = rows(actor(prepared))
-    assert not out["error"], out["error"]
+    for _ in range(generations):
+        [out] = rows(actor(prepared))
+        assert not out["error"], out["error"]
     return json.loads(out["meta"])
 
 
 @pytest.fixture(scope="module")
 def audited_hero():
-    return generate("hero", 1.0)
+    """The actor's second generation: its first of this shape is HERO's calibration (full compute)."""
+    return generate("hero", 1.0, generations=2)
+
+
+def test_a_sample_generated_while_hero_calibrates_is_audited_as_full_compute(tmp_path, monkeypatch):
+    monkeypatch.setenv("HERO_CALIBRATION_DIR", str(tmp_path))  # nothing calibrated yet
+    meta = generate("hero", 1.0)
+    assert meta["accelerator"]["stats"]["calibration_run"] is True
+    assert meta["audit"]["psnr_db"] is None and meta["audit"]["identical_frames"] == 17
 
 
 def test_an_audited_sample_records_the_accelerators_drift(audited_hero):

@@ -417,6 +417,21 @@ def test_verified_schedule_promotes_the_step_after_a_drifting_partial_step():
     assert counts[1e-9] == (7, 5), counts  # F F P F P F P F P F P F
 
 
+def test_auto_split_on_a_generation_too_short_to_probe_takes_the_cheapest_split(tmp_path):
+    """Fewer than three steps cannot show how well a block is forecast: HERO runs with one shallow
+    block (choose_split's answer for a profile that does not separate) and caches nothing."""
+    model = tiny_cogvideox(num_layers=4)
+    inputs, text = drifting_latents(model, 2), model.text(1)
+    apply_hero(model.transformer, HeroConfig(split="auto", calibration_dir=str(tmp_path)))
+    try:
+        run(model, inputs, text)
+        stats = hero_stats(model.transformer)
+    finally:
+        remove_hero(model.transformer)
+    assert stats["split"] == 1 and not stats["calibration_run"]
+    assert list(tmp_path.glob("*.json")) == []
+
+
 def test_auto_split_calibrates_on_the_first_generation_and_is_cached(tmp_path):
     model = tiny_cogvideox(num_layers=4)
     inputs, text = drifting_latents(model, 6), model.text(1)

@@ -32,7 +32,8 @@ from hero.cache.calibration import calibration_file, load_calibration, model_fin
 from hero.cache.config import HeroConfig
 from hero.cache.extrapolate import ResidualHistory
 from hero.cache.hooking import StepClock, find_hook, input_signature, install_hooks, uninstall_hooks
-from hero.cache.probe import CouplingRecorder, calibration_record, choose_split, save_calibration
+from hero.cache.probe import (MIN_PROBE_STEPS, CouplingRecorder, calibration_record, choose_split,
+                              save_calibration)
 from hero.cache.refresh import RefreshTracker, build_layout
 from hero.cache.schedule import Schedule, StepMode
 from hero.cache.stats import GenerationStats, summarize
@@ -146,6 +147,10 @@ class HeroRuntime:
         is none yet (``split="auto"``)."""
         if self.split is not None:
             return self.split, None
+        if num_steps < MIN_PROBE_STEPS:
+            # Too short to measure which blocks forecast well: the cheapest split, as choose_split
+            # takes when the profile does not separate (nothing is calibrated or cached).
+            return choose_split([1.0] * self.num_layers), None
         config = self.config
         if config.calibration_path is not None:
             path = config.calibration_path

@@ -32,6 +32,7 @@ PROBE_HOOK = "hero_feature_coupling_probe"
 PROBE_ROOT_HOOK = "hero_feature_coupling_probe_root"
 METRIC = "mean relative error of forecasting the block residual linearly from the two steps before"
 SEPARATION = 1.5  # shallow blocks must be forecast this many times worse than deep ones
+MIN_PROBE_STEPS = 3  # a linear forecast needs two steps before the one it is checked against
 
 
 class CouplingRecorder:
@@ -67,7 +68,8 @@ class CouplingRecorder:
     def profiles(self) -> dict[str, list[float]]:
         """Per block, the mean change (``"change"``) and forecast error (``"forecast_error"``)."""
         if not any(self.errors):
-            raise RuntimeError("the probe saw fewer than three steps; run a whole generation first")
+            raise RuntimeError(f"the probe saw fewer than {MIN_PROBE_STEPS} steps; run a whole "
+                               "generation first")
         return {"change": _means(self.changes), "forecast_error": _means(self.errors)}
 
     def per_step(self) -> list[list[float]]:
