@@ -56,6 +56,18 @@ class Monitor:
         self.clips = validation_clips(cfg.validation_clips)
         self.log = CsvLog(cfg.workdir / self.csv_name, self.columns, step)
 
+    def record(self, step: int, rows: list[dict[str, float]], sheet: list, what: str
+               ) -> dict[str, float]:
+        """Average the clips' figures, append them to the CSV, write a contact sheet of the first
+        three clips to ``sheets/<stage>-<step>.png`` and redraw ``progress.png``."""
+        figures = {name: float(np.nanmean([r[name] for r in rows])) for name in self.columns}
+        self.log.write(step, **figures)
+        stage = self.csv_name.split("_")[0]
+        write_sheet(self.cfg.workdir / "sheets" / f"{stage}-{step:06d}.png", sheet[:3],
+                    f"{what}, step {step}: RGB PSNR {figures['rgb_psnr']:.2f} dB")
+        plot_progress(self.cfg.workdir)
+        return figures
+
 
 class VaeMonitor(Monitor):
     """Reconstruction figures of the VAE on the validation clips."""
@@ -78,12 +90,7 @@ class VaeMonitor(Monitor):
                                                                           data_range=1.0))),
                          "abs_rel_median": _median_abs_rel(depth, clip.depth)})
             sheet.append((clip, Frames(rgb=rgb, depth=depth, objects=clip.objects)))
-        figures = {name: float(np.nanmean([r[name] for r in rows])) for name in VAE_COLUMNS}
-        self.log.write(step, **figures)
-        write_sheet(self.cfg.workdir / "sheets" / f"vae-{step:06d}.png", sheet[:3],
-                    f"VAE reconstruction, step {step}: RGB PSNR {figures['rgb_psnr']:.2f} dB")
-        plot_progress(self.cfg.workdir)
-        return figures
+        return self.record(step, rows, sheet, "VAE reconstruction")
 
     def _roundtrip(self, frames: torch.Tensor) -> torch.Tensor:
         """Encode and decode one clip (T, 3, H, W) exactly as the sampler does (posterior mode)."""
@@ -114,12 +121,7 @@ class DitMonitor(Monitor):
                 "rot_err_deg": float(metrics.rotation_error_deg(rollout.c2w, clip.c2w).mean()),
                 "trans_err": float(metrics.translation_error(rollout.c2w, clip.c2w).mean())})
             sheet.append((clip, rollout))
-        figures = {name: float(np.nanmean([r[name] for r in rows])) for name in DIT_COLUMNS}
-        self.log.write(step, **figures)
-        write_sheet(self.cfg.workdir / "sheets" / f"dit-{step:06d}.png", sheet[:3],
-                    f"17-frame prediction (EMA), step {step}: RGB PSNR {figures['rgb_psnr']:.2f} dB")
-        plot_progress(self.cfg.workdir)
-        return figures
+        return self.record(step, rows, sheet, "17-frame prediction (EMA)")
 
 
 def _median_abs_rel(pred: np.ndarray, true: np.ndarray) -> float:

@@ -47,7 +47,7 @@ class TrainConfig:
     vae_lr: float = 1e-3
     vae_warmup: int = 100
     vae_kl_weight: float = 1e-6
-    dit_steps: int = 2500
+    dit_steps: int = 6000
     dit_batch: int = 16
     dit_lr: float = 5e-4
     dit_warmup: int = 300
