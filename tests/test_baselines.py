@@ -55,15 +55,20 @@ def trajectory(model, x, text, name: str = "cond", steps: int = STEPS) -> list[t
 APPLIERS = [(apply_fora, remove_fora, ForaConfig), (apply_toca, remove_toca, TocaConfig)]
 
 
-@pytest.mark.parametrize("apply, remove, config", APPLIERS)
-def test_all_recompute_configs_are_bit_identical(model, apply, remove, config):
+def full_and_hooked(model, apply, remove, config) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The same trajectory at full compute and with the cache applied (removed afterwards)."""
     x, text = inputs()
     reference = trajectory(model, x, text)
-    apply(model, config(interval=1))
+    apply(model, config)
     try:
-        hooked = trajectory(model, x, text)
+        return reference, trajectory(model, x, text)
     finally:
         remove(model)
+
+
+@pytest.mark.parametrize("apply, remove, config", APPLIERS)
+def test_all_recompute_configs_are_bit_identical(model, apply, remove, config):
+    reference, hooked = full_and_hooked(model, apply, remove, config(interval=1))
     assert all(torch.equal(a, b) for a, b in zip(reference, hooked))
 
 
@@ -83,19 +88,13 @@ def test_toca_refreshing_every_token_matches_full_compute(model):
 
 @pytest.mark.parametrize("apply, remove, config", APPLIERS)
 def test_reuse_changes_output_and_remove_restores_forward(model, apply, remove, config):
-    x, text = inputs()
-    reference = trajectory(model, x, text)
-    apply(model, config(interval=2))
-    try:
-        hooked = trajectory(model, x, text)
-    finally:
-        remove(model)
+    reference, hooked = full_and_hooked(model, apply, remove, config(interval=2))
     assert torch.equal(hooked[0], reference[0])  # step 0 runs everything
     assert not torch.equal(hooked[1], reference[1])  # step 1 reuses caches
     assert "forward" not in model.__dict__
     assert all("forward" not in block.__dict__ for block in model.transformer_blocks)
     assert all(not hasattr(block, "_diffusers_hook") for block in model.transformer_blocks)
-    assert all(torch.equal(a, b) for a, b in zip(reference, trajectory(model, x, text)))
+    assert all(torch.equal(a, b) for a, b in zip(reference, trajectory(model, *inputs())))
 
 
 def test_fora_reuse_step_adds_each_blocks_cached_residual(model):
