@@ -52,7 +52,7 @@ class TrainConfig:
     dit_lr: float = 5e-4
     dit_warmup: int = 300
     final_lr_fraction: float = 0.1  # both learning rates fall on a cosine to this fraction
-    camera_weight: float = 4.0  # the 24 raymap channels weigh this much more in the v-loss
+    camera_weight: float = 1.0  # the 24 raymap channels' weight in the v-loss (their variance is the latents')
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
     task_mix: tuple[float, float, float] = (0.7, 0.15, 0.15)  # prediction, planning, reconstruction
