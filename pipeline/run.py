@@ -219,20 +219,21 @@ class Progress(threading.Thread):
         self.stopped = threading.Event()
 
     def start(self) -> None:
-        """Report once now, before the plan runs (so before any unit commits), then every
+        """Report once now, before the plan runs (so before any unit commits), without waiting
+        for the feed actor (the plan must not wait on a progress line), then every
         ``PROGRESS_EVERY_S`` seconds."""
-        self.report()
+        self.report(feed_wait_s=0)
         super().start()
 
     def run(self) -> None:
         while not self.stopped.wait(PROGRESS_EVERY_S):
             self.report()
 
-    def report(self) -> None:
+    def report(self, feed_wait_s: float = FEED_STATS_TIMEOUT_S) -> None:
         import ray
 
         try:
-            feed = ray.get(self.feed.stats.remote(), timeout=FEED_STATS_TIMEOUT_S)
+            feed = ray.get(self.feed.stats.remote(), timeout=feed_wait_s)
             pipeline = (f"{feed['blocks_put'] - feed['blocks_taken']} blocks queued; "
                         f"actors ready {feed['actors_ready']}/{self.actors}")
         except Exception:  # the feed actor is still starting: the line goes out all the same
