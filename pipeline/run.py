@@ -35,7 +35,10 @@ from pipeline.sources import InputError, Manifest, read_manifest
 from pipeline.storage import Store
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+# HERO's calibration cache (hero.cache.calibration.CACHE_ENV, named here so the driver imports no
+# torch) too: without it a cluster's workers calibrate into each node's home folder
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "HERO_CALIBRATION_DIR")
 PROGRESS_EVERY_S = 10.0
 FEED_STATS_TIMEOUT_S = 5.0
 FEED_BLOCKS_PER_ACTOR = 2
@@ -47,8 +50,8 @@ def open_store(config: JobConfig) -> Store:
 
 
 def forwarded_env() -> dict[str, str]:
-    """Environment the workers need (object-store endpoint, region, fault switches), never credentials;
-    variables the enclosing Ray job already sets are left to it."""
+    """Environment the workers need (object-store endpoint, region, HERO's calibration cache, fault
+    switches), never credentials; variables the enclosing Ray job already sets are left to it."""
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars", {})
     names = [n for n in os.environ if n in FORWARDED_ENV or n.startswith(FORWARDED_PREFIX)]
     return {n: os.environ[n] for n in names if n not in job_env}

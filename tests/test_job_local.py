@@ -166,3 +166,18 @@ def test_help_loads_no_model_stack_and_names_the_default_accelerator():
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
     assert not {"torch", "ray", "diffusers", "av"} & imported
     assert "(default: hero)" in " ".join(result.stdout.split())
+
+
+def test_workers_get_the_endpoint_and_calibration_cache_but_never_credentials(monkeypatch):
+    from hero.cache.calibration import CACHE_ENV
+    from pipeline.run import forwarded_env
+
+    monkeypatch.setenv(CACHE_ENV, "/shared/calibration")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-forward")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": "http://job-set"}}}))
+    env = forwarded_env()
+    assert env[CACHE_ENV] == "/shared/calibration"
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    assert "AWS_ENDPOINT_URL" not in env  # the enclosing Ray job's own setting wins

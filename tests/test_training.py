@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hero.training import carry
 from hero.training.checkpoints import CsvLog, checkpoint_step, load_checkpoint, read_log, save_checkpoint
 from hero.training.data import VALIDATION_SEED_BASE, disparity_unit, from_unit, to_unit
 from hero.training.dit import channel_weights, weighted_mse
@@ -84,6 +85,39 @@ def test_a_stage_killed_after_a_checkpoint_resumes_exactly(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_run_carried_to_a_fresh_work_folder_continues_from_its_steps(tmp_path):
+    def fresh():
+        torch.manual_seed(0)
+        module = torch.nn.Linear(3, 2)
+        return (module, torch.optim.AdamW(module.parameters(), lr=1e-2), np.random.default_rng(1),
+                torch.Generator().manual_seed(2))
+
+    straight = fresh()
+    _steps(*straight, 10)
+    first, machine_a, machine_b, carried = fresh(), tmp_path / "a", tmp_path / "b", tmp_path / "carried"
+    machine_a.mkdir()
+    _steps(*first, 6)
+    save_checkpoint(machine_a / "dit.safetensors", 6, {"m": first[0]}, first[1], first[2], first[3])
+    CsvLog(machine_a / "dit_loss.csv", ("loss",)).write(6, loss=0.5)
+    carry.save(machine_a, carried)
+    assert (carried / "dit.safetensors").stat().st_size < (machine_a / "dit.safetensors").stat().st_size
+
+    assert carry.restore(carried, machine_b) == ["dit.safetensors (step 6)", "dit_loss.csv"]
+    resumed = fresh()
+    assert load_checkpoint(machine_b / "dit.safetensors", {"m": resumed[0]}, *resumed[1:]) == 6
+    for a, b in zip(first[0].parameters(), resumed[0].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # weights travel exactly, moments at bf16
+    _steps(*resumed, 4)
+    for a, b in zip(straight[0].parameters(), resumed[0].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+    save_checkpoint(machine_b / "dit.safetensors", 9, {"m": resumed[0]}, *resumed[1:])
+    assert carry.restore(carried, machine_b) == []  # never replaces a later checkpoint
+    assert checkpoint_step(machine_b / "dit.safetensors") == 9
+    with pytest.raises(FileNotFoundError, match="--resume-from"):
+        carry.restore(tmp_path / "nowhere", machine_b)
+
+
 def test_loss_log_drops_rows_written_after_the_checkpoint_it_resumes_from(tmp_path):
     path = tmp_path / "loss.csv"
     log = CsvLog(path, ("loss",))
@@ -95,8 +129,11 @@ def test_loss_log_drops_rows_written_after_the_checkpoint_it_resumes_from(tmp_pa
 
 
 def test_flags_follow_the_recipe_fields_and_unknown_stages_are_refused():
-    config = parse_args(["--dit-steps", "7", "--task-mix", "1", "0", "0", "--stages", "render", "vae"])
+    config = parse_args(["--dit-steps", "7", "--task-mix", "1", "0", "0", "--stages", "render", "vae",
+                         "--no-compile", "--resume-from", "carried"])
     assert config.dit_steps == 7 and config.task_mix == (1.0, 0.0, 0.0) and config.stages == ("render", "vae")
+    assert config.compile is False and str(config.resume_from) == "carried"
+    assert parse_args([]).compile is True and parse_args([]).resume_from is None
     with pytest.raises(SystemExit):
         parse_args(["--stages", "paint"])
 
@@ -110,7 +147,8 @@ def test_every_stage_runs_end_to_end_and_exports_loadable_weights(tmp_path):
     workdir, export = tmp_path / "run", tmp_path / "weights"
     config = TrainConfig(workdir=workdir, export_to=export, clips=8, render_workers=1, vae_steps=2,
                          vae_batch=2, vae_warmup=1, dit_steps=2, dit_batch=2, dit_warmup=1,
-                         checkpoint_every=1, monitor_every=2, validation_clips=1, threads=1)
+                         checkpoint_every=1, monitor_every=2, validation_clips=1, threads=1,
+                         compile=False)  # torch.compile costs minutes here; the training run uses it
     train(config)
     for name in ("vae.safetensors", "dit.safetensors", "latents.safetensors", "vae_val.csv", "dit_val.csv",
                  "progress.png", "sheets/vae-000002.png", "sheets/dit-000002.png"):

@@ -2,8 +2,9 @@
 
 Every ``monitor_every`` steps the VAE stage reconstructs the validation clips (``vae_val.csv``:
 RGB PSNR overall and on object pixels, disparity PSNR, depth AbsRel) and the transformer stage
-samples 17-frame predictions from them with the debiased EMA weights (``dit_val.csv``: RGB PSNR,
-object PSNR, median depth AbsRel, camera rotation error, beside the repeat-first-frame baseline).
+samples 17-frame predictions from them with the debiased EMA weights (``dit_val.csv``: RGB and
+object PSNR beside the repeat-first-frame baseline's, depth AbsRel, camera errors, scored as the
+held-out evaluation scores them; plus the raw weights' and the unguided EMA's RGB PSNR).
 Each check writes a contact sheet under ``sheets/`` (truth above model) and redraws
 ``progress.png``. Validation clips come from their own seeds, never the evaluation's.
 """
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from hero import geometry, metrics
-from hero.models.base import RolloutRequest
+from hero.evaluation import scoring
+from hero.models.base import Rollout, RolloutRequest
 from hero.models.cogvideox_world import CogVideoXWorldModel
 from hero.training.checkpoints import CsvLog, read_log
 from hero.training.data import disparity_unit, from_unit, to_unit, validation_clips
@@ -30,8 +32,8 @@ if TYPE_CHECKING:
     from hero.training.toyworld import TrainConfig
 
 VAE_COLUMNS = ("rgb_psnr", "object_psnr", "disparity_psnr", "abs_rel_median")
-DIT_COLUMNS = ("rgb_psnr", "object_psnr", "baseline_psnr", "abs_rel_median", "rot_err_deg",
-               "trans_err")
+DIT_COLUMNS = ("rgb_psnr", "object_psnr", "baseline_psnr", "baseline_object_psnr", "abs_rel",
+               "abs_rel_median", "rot_err_deg", "trans_err", "raw_rgb_psnr", "unguided_rgb_psnr")
 
 
 def rendered_clips(workdir: Path) -> int:
@@ -50,6 +52,7 @@ class Monitor:
 
     csv_name: str
     columns: tuple[str, ...]
+    medians: tuple[str, ...] = ()  # columns summarised by their median over clips, not the mean
 
     def __init__(self, cfg: "TrainConfig", model: CogVideoXWorldModel, step: int) -> None:
         self.cfg, self.model = cfg, model
@@ -60,7 +63,8 @@ class Monitor:
                ) -> dict[str, float]:
         """Average the clips' figures, append them to the CSV, write a contact sheet of the first
         three clips to ``sheets/<stage>-<step>.png`` and redraw ``progress.png``."""
-        figures = {name: float(np.nanmean([r[name] for r in rows])) for name in self.columns}
+        figures = {name: float((np.nanmedian if name in self.medians else np.nanmean)([r[name] for r in rows]))
+                   for name in self.columns}
         self.log.write(step, **figures)
         stage = self.csv_name.split("_")[0]
         write_sheet(self.cfg.workdir / "sheets" / f"{stage}-{step:06d}.png", sheet[:3],
@@ -98,30 +102,56 @@ class VaeMonitor(Monitor):
 
 
 class DitMonitor(Monitor):
-    """Sampled 17-frame predictions of the EMA transformer on the validation clips."""
+    """Sampled 17-frame predictions on the validation clips, scored as the held-out evaluation
+    scores them (:mod:`hero.evaluation.scoring`, frame 0 left out since it is given).
 
-    csv_name, columns = "dit_val.csv", DIT_COLUMNS
+    The headline figures are the debiased EMA's with the default guidance (what export ships).
+    Two diagnostics sit beside them, one figure each: the raw (un-averaged) weights, which show
+    how far the EMA lags early in training, and the EMA without guidance, which shows whether
+    classifier-free guidance amplifies an undertrained model's errors.
+    """
+
+    csv_name, columns, medians = "dit_val.csv", DIT_COLUMNS, ("abs_rel_median",)
+
+    def __init__(self, cfg: "TrainConfig", model: CogVideoXWorldModel, step: int) -> None:
+        super().__init__(cfg, model, step)
+        baseline = [scoring.scene_means(scoring.score_against_truth(scoring.baseline_rollout(clip), clip))
+                    for clip in self.clips]
+        self.baseline = {name: [b[name] for b in baseline] for name in ("psnr", "object_psnr")}
 
     @torch.no_grad()
-    def validate(self, step: int, transformer: torch.nn.Module) -> dict[str, float]:
+    def validate(self, step: int, ema: torch.nn.Module, raw: torch.nn.Module) -> dict[str, float]:
+        rollouts = self._sample(ema)
+        scores = [scoring.scene_means(scoring.score_against_truth(r, c)) for r, c in zip(rollouts, self.clips)]
+        raw_rollouts = self._sample(raw)
+        unguided = self._sample(ema, guidance=1.0)
+        rows = [{"rgb_psnr": s["psnr"], "object_psnr": s["object_psnr"], "baseline_psnr": base_psnr,
+                 "baseline_object_psnr": base_object, "abs_rel": s["abs_rel"],
+                 "abs_rel_median": s["abs_rel"], "rot_err_deg": s["rot_err_deg"],
+                 "trans_err": s["trans_err"], "raw_rgb_psnr": _later_psnr(r, clip),
+                 "unguided_rgb_psnr": _later_psnr(u, clip)}
+                for s, base_psnr, base_object, r, u, clip in zip(
+                    scores, self.baseline["psnr"], self.baseline["object_psnr"], raw_rollouts,
+                    unguided, self.clips)]
+        return self.record(step, rows, list(zip(self.clips, rollouts)), "17-frame prediction (EMA)")
+
+    def _sample(self, transformer: torch.nn.Module, guidance: float | None = None) -> list[Rollout]:
+        """The validation predictions of ``transformer`` (its train/eval mode is restored)."""
+        training = transformer.training
         sampler = copy.copy(self.model)
         sampler.transformer = transformer.eval()
         requests = [RolloutRequest(id=str(i), task="prediction", frames=clip.rgb.shape[0],
-                                   image=clip.rgb[0], c2w=clip.c2w, k=clip.k, seed=i)
+                                   image=clip.rgb[0], c2w=clip.c2w, k=clip.k, seed=i, guidance=guidance)
                     for i, clip in enumerate(self.clips)]
-        rollouts = sampler.generate(requests)
-        rows, sheet = [], []
-        for clip, rollout in zip(self.clips, rollouts):
-            later = slice(1, None)  # frame 0 is given
-            rows.append({
-                "rgb_psnr": _psnr(rollout.rgb[later], clip.rgb[later]),
-                "object_psnr": object_psnr(rollout.rgb[later], clip.rgb[later], clip.objects[later]),
-                "baseline_psnr": _psnr(np.broadcast_to(clip.rgb[:1], clip.rgb.shape)[later], clip.rgb[later]),
-                "abs_rel_median": _median_abs_rel(rollout.depth[later], clip.depth[later]),
-                "rot_err_deg": float(metrics.rotation_error_deg(rollout.c2w, clip.c2w).mean()),
-                "trans_err": float(metrics.translation_error(rollout.c2w, clip.c2w).mean())})
-            sheet.append((clip, rollout))
-        return self.record(step, rows, sheet, "17-frame prediction (EMA)")
+        try:
+            return sampler.generate(requests)
+        finally:
+            transformer.train(training)
+
+
+def _later_psnr(rollout: Rollout, clip: Clip) -> float:
+    """RGB PSNR of every frame but the given first, averaged over frames."""
+    return _psnr(rollout.rgb[1:], clip.rgb[1:])
 
 
 def _median_abs_rel(pred: np.ndarray, true: np.ndarray) -> float:

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from hero.models.cogvideox_world import CogVideoXWorldModel
 from hero.models.toyworld.model import TOYWORLD_SPEC, WEIGHTS_DIR, build_components
-from hero.training import dit, monitor, vae
+from hero.training import carry, dit, monitor, vae
 from hero.training.checkpoints import checkpoint_step, load_module, metadata
 from hero.training.data import render_clips
 
@@ -33,10 +33,12 @@ STAGES = ("render", "vae", "encode", "dit", "export")
 
 @dataclass
 class TrainConfig:
-    """The training recipe; every field is a command-line flag of the same name."""
+    """The training recipe; every field is a command-line flag of the same name (``--no-compile``
+    for a false flag)."""
 
     workdir: Path = Path("runs/toyworld")
     export_to: Path = WEIGHTS_DIR
+    resume_from: Path | None = None  # a folder written by `hero.training.carry save` (another machine's run)
     clips: int = 6000
     render_workers: int = 2
     vae_steps: int = 3500  # in all: single frames first, then video windows
@@ -56,6 +58,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
     task_mix: tuple[float, float, float] = (0.7, 0.15, 0.15)  # prediction, planning, reconstruction
+    compile: bool = True  # the transformer's training forward through torch.compile (1.15-1.3x per step)
     checkpoint_every: int = 100
     monitor_every: int = 500
     validation_clips: int = 8
@@ -68,6 +71,9 @@ def train(cfg: TrainConfig) -> None:
     """Run the requested stages in order, each resuming from its checkpoint."""
     torch.set_num_threads(cfg.threads)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
+    if cfg.resume_from is not None:
+        log.info("resumed from %s: %s", cfg.resume_from, ", ".join(carry.restore(cfg.resume_from, cfg.workdir))
+                 or "nothing newer than the work folder's")
     (cfg.workdir / "recipe.json").write_text(json.dumps(recipe_of(cfg), indent=2))
     if "render" in cfg.stages:
         render_clips(cfg.workdir / "clips", cfg.clips, cfg.render_workers)
@@ -96,7 +102,7 @@ def train(cfg: TrainConfig) -> None:
 def recipe_of(cfg: TrainConfig) -> dict:
     """The recipe as plain JSON (paths on the training machine are not part of it)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
-            if k not in ("workdir", "export_to", "stages", "threads", "render_workers")}
+            if k not in ("workdir", "export_to", "resume_from", "stages", "threads", "render_workers", "compile")}
 
 
 def export(cfg: TrainConfig, model: CogVideoXWorldModel) -> None:
@@ -122,10 +128,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in asdict(TrainConfig()).items():
         flag = f"--{name.replace('_', '-')}"
-        if isinstance(value, tuple):
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        elif isinstance(value, tuple):
             parser.add_argument(flag, type=type(value[0]), nargs="+", default=value)
         else:
-            parser.add_argument(flag, type=Path if isinstance(value, Path) else type(value), default=value)
+            kind = Path if value is None or isinstance(value, Path) else type(value)
+            parser.add_argument(flag, type=kind, default=value)
     args = parser.parse_args(argv)
     unknown = set(args.stages) - set(STAGES)
     if unknown:
