@@ -62,22 +62,24 @@ def _steps(module, optimizer, rng, noise, count):
         optimizer.step()
 
 
-def test_a_stage_killed_after_a_checkpoint_resumes_exactly(tmp_path):
-    def fresh():
-        torch.manual_seed(0)
-        module = torch.nn.Linear(3, 2)
-        return (module, torch.optim.AdamW(module.parameters(), lr=1e-2), np.random.default_rng(1),
-                torch.Generator().manual_seed(2))
+def _fresh_training():
+    """A tiny module, its optimiser and both random generators, seeded alike every time."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    return (module, torch.optim.AdamW(module.parameters(), lr=1e-2), np.random.default_rng(1),
+            torch.Generator().manual_seed(2))
 
-    straight = fresh()
+
+def test_a_stage_killed_after_a_checkpoint_resumes_exactly(tmp_path):
+    straight = _fresh_training()
     _steps(*straight, 10)
 
-    first = fresh()
+    first = _fresh_training()
     _steps(*first, 6)
     save_checkpoint(tmp_path / "ckpt.safetensors", 6, {"m": first[0]}, first[1], first[2], first[3])
     _steps(*first, 2)  # work after the checkpoint is lost with the process
 
-    resumed = fresh()
+    resumed = _fresh_training()
     step = load_checkpoint(tmp_path / "ckpt.safetensors", {"m": resumed[0]}, resumed[1], resumed[2], resumed[3])
     assert step == 6 == checkpoint_step(tmp_path / "ckpt.safetensors")
     _steps(*resumed, 4)
@@ -86,15 +88,9 @@ def test_a_stage_killed_after_a_checkpoint_resumes_exactly(tmp_path):
 
 
 def test_a_run_carried_to_a_fresh_work_folder_continues_from_its_steps(tmp_path):
-    def fresh():
-        torch.manual_seed(0)
-        module = torch.nn.Linear(3, 2)
-        return (module, torch.optim.AdamW(module.parameters(), lr=1e-2), np.random.default_rng(1),
-                torch.Generator().manual_seed(2))
-
-    straight = fresh()
+    straight = _fresh_training()
     _steps(*straight, 10)
-    first, machine_a, machine_b, carried = fresh(), tmp_path / "a", tmp_path / "b", tmp_path / "carried"
+    first, machine_a, machine_b, carried = _fresh_training(), tmp_path / "a", tmp_path / "b", tmp_path / "carried"
     machine_a.mkdir()
     _steps(*first, 6)
     save_checkpoint(machine_a / "dit.safetensors", 6, {"m": first[0]}, first[1], first[2], first[3])
@@ -103,7 +99,7 @@ def test_a_run_carried_to_a_fresh_work_folder_continues_from_its_steps(tmp_path)
     assert (carried / "dit.safetensors").stat().st_size < (machine_a / "dit.safetensors").stat().st_size
 
     assert carry.restore(carried, machine_b) == ["dit.safetensors (step 6)", "dit_loss.csv"]
-    resumed = fresh()
+    resumed = _fresh_training()
     assert load_checkpoint(machine_b / "dit.safetensors", {"m": resumed[0]}, *resumed[1:]) == 6
     for a, b in zip(first[0].parameters(), resumed[0].parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # weights travel exactly, moments at bf16
