@@ -41,7 +41,7 @@ class TrainConfig:
     resume_from: Path | None = None  # a folder written by `hero.training.carry save` (another machine's run)
     clips: int = 6000
     render_workers: int = 2
-    vae_steps: int = 3500  # in all: single frames first, then video windows
+    vae_steps: int = 4500  # in all: single frames first, then video windows
     vae_image_steps: int = 2000  # single frames: the spatial filters learn 9x more scenes per second
     vae_image_batch: int = 16
     vae_batch: int = 6
