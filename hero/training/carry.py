@@ -21,9 +21,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from hero.training.checkpoints import checkpoint_step, metadata
+from hero.training.checkpoints import checkpoint_step, metadata, write_atomically
 
 CHECKPOINTS = ("vae.safetensors", "dit.safetensors")
 LOGS = ("recipe.json", "vae_loss.csv", "vae_val.csv", "dit_loss.csv", "dit_val.csv", "progress.png")
@@ -33,9 +33,7 @@ def compact(source: Path, dest: Path) -> None:
     """Copy a checkpoint with its floating-point optimiser moments as bfloat16."""
     tensors = {key: value.to(torch.bfloat16) if _is_moment(key, value) else value
                for key, value in load_file(str(source)).items()}
-    tmp = dest.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata(source))
-    tmp.replace(dest)
+    write_atomically(tensors, dest, metadata(source))
 
 
 def _is_moment(key: str, value: torch.Tensor) -> bool:

@@ -30,7 +30,11 @@ def save_checkpoint(path: Path, step: int, modules: dict[str, torch.nn.Module],
         for key, value in state.items():
             tensors[f"optim/{index}/{key}"] = torch.as_tensor(value).contiguous()
     tensors["rng/noise"] = noise.get_state()
-    metadata = {"step": str(step), "rng": json.dumps(rng.bit_generator.state)}
+    write_atomically(tensors, path, {"step": str(step), "rng": json.dumps(rng.bit_generator.state)})
+
+
+def write_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file under a temporary name and rename it: never half a checkpoint."""
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
