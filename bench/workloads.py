@@ -18,8 +18,7 @@ from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXT
 
 from hero.models import load_model
 from hero.models.base import Rollout, RolloutRequest
-from hero.models.cogvideox_world import (CogVideoXWorldModel, ModelSpec, build_condition,
-                                         fold_raymap, latent_frames)
+from hero.models.cogvideox_world import CogVideoXWorldModel, ModelSpec, build_condition, latent_frames
 from hero.evaluation import EvalConfig, heldout_request
 from hero.models.toyworld.model import SCHEDULER_CONFIG, VAE_CONFIG, WEIGHTS_DIR
 from hero.world import Clip, clip_for_seed
@@ -154,7 +153,7 @@ def prediction_condition(model: CogVideoXWorldModel, requests: list[RolloutReque
     rays = torch.stack([model.raymap(r.c2w[:frames], r.k[:frames], dmax) for r in requests])
     shape = (len(requests), latent_frames(frames, model.temporal), 56,
              model.height // model.spatial, model.width // model.spatial)
-    return build_condition(TASK, image, None, None, fold_raymap(rays, model.temporal), shape)
+    return build_condition(TASK, image, None, None, model.encode_camera(rays), shape)
 
 
 def _with_steps(request: RolloutRequest, steps: int, guidance: float | None = None) -> RolloutRequest:

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from hero.training import carry
 from hero.training.checkpoints import CsvLog, checkpoint_step, load_checkpoint, read_log, save_checkpoint
 from hero.training.data import VALIDATION_SEED_BASE, disparity_unit, from_unit, to_unit
-from hero.training.dit import channel_weights, weighted_mse
+from hero.training.dit import channel_weights, latent_statistics, weighted_mse
 from hero.training.toyworld import TrainConfig, parse_args, train
 from hero.training.optim import lr_at
 from hero.world import HELDOUT_SEED_BASE
@@ -51,6 +52,39 @@ def test_unit_images_and_disparity_round_trip():
     disparity = disparity_unit(np.array([[0.5, 2.0], [60.0, np.inf]]), dmax=2.0)
     assert disparity.shape == (3, 2, 2)
     assert float(disparity.max()) == pytest.approx(1.0) and float(disparity.min()) == pytest.approx(-1.0)
+
+
+def test_standardised_latents_reach_the_transformer_at_unit_scale_and_decode_unchanged():
+    """The spec's per-channel statistics put every probed channel at zero mean and unit std (a
+    channel that never varies stays finite), and decoding undoes them: the VAE sees what it saw
+    without them."""
+    import dataclasses
+
+    from hero.models import load_model
+
+    model = load_model("tiny")
+    rng = np.random.default_rng(0)
+    frames = torch.from_numpy(rng.uniform(-1, 1, (2, 9, 3, 48, 64))).float()
+    rays = torch.from_numpy(rng.normal(size=(2, 9, 6, 12, 16))).float()
+    rays[:, :, 4] = 0.0  # a raymap component the world holds fixed
+    plain = {"rgb": model.encode_video(frames), "disparity": model.encode_video(frames.flip(-1), "disparity"),
+             "camera": model.encode_camera(rays)}
+    model.spec = dataclasses.replace(model.spec, **latent_statistics(plain))
+    assert len(model.spec.latent_mean) == len(model.spec.latent_std) == 56
+    standard = torch.cat([model.encode_video(frames), model.encode_video(frames.flip(-1), "disparity"),
+                          model.encode_camera(rays)], dim=2)
+    per_channel = standard.transpose(0, 2).reshape(56, -1)
+    varying = torch.tensor(model.spec.latent_std) > 1e-2
+    assert torch.allclose(per_channel.mean(dim=1), torch.zeros(56), atol=1e-4)
+    assert torch.allclose(per_channel.std(dim=1)[varying], torch.ones(int(varying.sum())), atol=1e-4)
+    assert torch.isfinite(standard).all() and not varying.all()
+    decoded = {"rgb": model.decode_video(standard[:, :, :16]),
+               "disparity": model.decode_video(standard[:, :, 16:32], "disparity"),
+               "camera": model.decode_camera(standard[:, :, 32:], 9)}
+    model.spec = dataclasses.replace(model.spec, latent_mean=None, latent_std=None)
+    assert torch.allclose(decoded["rgb"], model.decode_video(plain["rgb"]), atol=1e-5)
+    assert torch.allclose(decoded["disparity"], model.decode_video(plain["disparity"], "disparity"), atol=1e-5)
+    assert torch.allclose(decoded["camera"], rays, atol=1e-5)
 
 
 def _steps(module, optimizer, rng, noise, count):
@@ -151,6 +185,9 @@ def test_every_stage_runs_end_to_end_and_exports_loadable_weights(tmp_path):
         assert (workdir / name).exists(), name
     assert checkpoint_step(workdir / "dit.safetensors") == 2
     model = load_model("toyworld", weights=str(export))
+    assert model.spec.latent_std is not None and len(model.spec.latent_std) == 56
+    latents = load_file(str(workdir / "latents.safetensors"))
+    assert abs(float(latents["rgb"].mean())) < 0.2 and 0.7 < float(latents["rgb"].std()) < 1.3
     clip_rgb = np.zeros((48, 64, 3), np.uint8)
     from hero.models.base import RolloutRequest
     rollout = model.generate([RolloutRequest(id="a", image=clip_rgb, steps=2)])[0]

@@ -56,7 +56,11 @@ class ModelSpec:
     ``fps`` is the frame rate the checkpoint was trained at; a request may ask for one of
     ``fps_options`` (``extra["fps"]``), which stretches the temporal rotary positions by
     ``fps / requested``. ``guidance_ramp`` picks the dynamic-guidance formula
-    (:func:`hero.models.cogvideox_world.guidance_at`).
+    (:func:`hero.models.cogvideox_world.guidance_at`). ``latent_mean`` and ``latent_std`` (one
+    value per channel of the packed latents: RGB, disparity, folded raymaps) standardise every
+    channel to zero mean and unit variance before the transformer sees it, so that no channel is
+    drowned by the noise earlier than the others or counts less in the loss; None (Aether) leaves
+    the latents as the VAE's scaling factor makes them.
     """
 
     name: str
@@ -70,6 +74,8 @@ class ModelSpec:
     guidance_ramp: str = "normalised"
     metric_dmax: float | None = None
     far: float = 60.0
+    latent_mean: tuple[float, ...] | None = None
+    latent_std: tuple[float, ...] | None = None
     default_steps: dict[str, int] = field(
         default_factory=lambda: {"prediction": 50, "planning": 50, "reconstruction": 4})
     default_guidance: dict[str, float] = field(

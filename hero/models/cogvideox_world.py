@@ -27,6 +27,9 @@ from hero.models.base import OBSERVED_AT, TASKS, ModelSpec, Rollout, RolloutRequ
 
 RGB_CHANNELS = 16
 RAYMAP_CHANNELS = 6
+# Where each part sits in the packed latents the transformer denoises (B, T', 56, h, w).
+PARTS = {"rgb": slice(0, RGB_CHANNELS), "disparity": slice(RGB_CHANNELS, 2 * RGB_CHANNELS),
+         "camera": slice(2 * RGB_CHANNELS, None)}
 
 
 def latent_frames(frames: int, temporal: int) -> int:
@@ -171,18 +174,46 @@ class CogVideoXWorldModel:
     def _vae_scale(self) -> float:
         return float(self.vae.config.scaling_factor)
 
-    @torch.no_grad()
-    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) in [-1, 1] -> scaled latents (B, T', 16, h, w) (posterior mode)."""
-        x = frames.to(self.device, self.dtype).permute(0, 2, 1, 3, 4)
-        latents = self.vae.encode(x).latent_dist.mode()
-        return (latents * self._vae_scale()).permute(0, 2, 1, 3, 4).float()
+    def _standardisation(self, part: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The spec's per-channel mean and std of one part, shaped to broadcast over (B, T', C, h, w)."""
+        if self.spec.latent_mean is None:
+            return None
+        as_channels = lambda values: torch.tensor(values, dtype=like.dtype, device=like.device)[
+            PARTS[part]].view(-1, 1, 1)
+        return as_channels(self.spec.latent_mean), as_channels(self.spec.latent_std)
+
+    def standardise(self, latents: torch.Tensor, part: str) -> torch.Tensor:
+        """Raw latents of ``part`` ("rgb", "disparity" or "camera") -> the transformer's units."""
+        stats = self._standardisation(part, latents)
+        return latents if stats is None else (latents - stats[0]) / stats[1]
+
+    def unstandardise(self, latents: torch.Tensor, part: str) -> torch.Tensor:
+        """Inverse of :meth:`standardise`."""
+        stats = self._standardisation(part, latents)
+        return latents if stats is None else latents * stats[1] + stats[0]
 
     @torch.no_grad()
-    def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, T', 16, h, w) -> (B, T, 3, H, W) in [-1, 1]."""
-        z = (latents / self._vae_scale()).permute(0, 2, 1, 3, 4).to(self.device, self.dtype)
+    def encode_video(self, frames: torch.Tensor, part: str = "rgb") -> torch.Tensor:
+        """(B, T, 3, H, W) in [-1, 1] -> latents (B, T', 16, h, w) in the transformer's units
+        (posterior mode; ``part`` is "rgb" or "disparity", which the spec may standardise apart)."""
+        x = frames.to(self.device, self.dtype).permute(0, 2, 1, 3, 4)
+        latents = self.vae.encode(x).latent_dist.mode()
+        return self.standardise((latents * self._vae_scale()).permute(0, 2, 1, 3, 4).float(), part)
+
+    @torch.no_grad()
+    def decode_video(self, latents: torch.Tensor, part: str = "rgb") -> torch.Tensor:
+        """Latents (B, T', 16, h, w) in the transformer's units -> (B, T, 3, H, W) in [-1, 1]."""
+        z = self.unstandardise(latents.float(), part) / self._vae_scale()
+        z = z.permute(0, 2, 1, 3, 4).to(self.device, self.dtype)
         return self.vae.decode(z).sample.permute(0, 2, 1, 3, 4).float().clamp(-1, 1)
+
+    def encode_camera(self, raymaps: torch.Tensor) -> torch.Tensor:
+        """Raymaps (B, T, 6, h, w) -> camera latents (B, T', 6*temporal, h, w), folded as Aether folds them."""
+        return self.standardise(fold_raymap(raymaps, self.temporal), "camera")
+
+    def decode_camera(self, latents: torch.Tensor, frames: int) -> torch.Tensor:
+        """Camera latents -> raymaps (B, frames, 6, h, w)."""
+        return unfold_raymap(self.unstandardise(latents.float(), "camera"), frames, self.temporal)
 
     def raymap(self, c2w: np.ndarray, k: np.ndarray, dmax: float) -> torch.Tensor:
         """Raymaps (T, 6, h, w) at latent resolution for a camera path given at image resolution."""
@@ -256,8 +287,7 @@ class CogVideoXWorldModel:
         rays = None
         if camera:
             dmax = self.spec.metric_dmax or 1.0
-            rays = fold_raymap(torch.stack([self.raymap(p, k, dmax) for p, k in zip(poses, ks)]),
-                               self.temporal)
+            rays = self.encode_camera(torch.stack([self.raymap(p, k, dmax) for p, k in zip(poses, ks)]))
         condition = build_condition(task, encoded.get("image"), encoded.get("goal"),
                                     encoded.get("video"), rays, shape)
         return condition, poses, ks
@@ -326,9 +356,9 @@ class CogVideoXWorldModel:
         condition, poses, ks = self._inputs(requests, task, frames, camera)
         latents = self.denoise(condition, task, steps, guidance, [r.seed for r in requests], fps)
         sampled = time.perf_counter()
-        rgb = self.decode_video(latents[:, :, :RGB_CHANNELS])[:, :frames]
-        disparity = self.decode_video(latents[:, :, RGB_CHANNELS: 2 * RGB_CHANNELS])[:, :frames]
-        camera = unfold_raymap(latents[:, :, 2 * RGB_CHANNELS:], frames, self.temporal)
+        rgb = self.decode_video(latents[:, :, PARTS["rgb"]])[:, :frames]
+        disparity = self.decode_video(latents[:, :, PARTS["disparity"]], "disparity")[:, :frames]
+        camera = self.decode_camera(latents[:, :, PARTS["camera"]], frames)
         rollouts = []
         for b, request in enumerate(requests):
             rollouts.append(self._rollout(request, rgb[b], disparity[b], camera[b], poses[b], ks[b]))

@@ -15,6 +15,8 @@ and EMA stay in float32.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +31,6 @@ from hero.models.cogvideox_world import (
     RGB_CHANNELS,
     CogVideoXWorldModel,
     build_condition,
-    fold_raymap,
     unconditional,
 )
 from hero.models.toyworld.model import build_components
@@ -49,25 +50,61 @@ TASKS = tuple(base.TASKS)  # the order of TrainConfig.task_mix
 def encode_latents(cfg: "TrainConfig", model: CogVideoXWorldModel, out: Path, batch: int = 16) -> None:
     """Encode every rendered clip once with the trained VAE, exactly as the sampler encodes its
     inputs: RGB, disparity, the first and the last frame alone, and the folded raymaps. The VAE's
-    scaling factor is set so the latents have unit standard deviation."""
+    scaling factor is set so the latents have unit standard deviation overall and, with
+    ``cfg.standardise_latents``, the model's spec standardises every channel on its own
+    (:func:`latent_statistics`); both are written into the file's metadata."""
     if out.exists():
         return
     clips = load_clips(cfg.workdir / "clips")
     count, dmax = monitor.rendered_clips(cfg.workdir), float(model.spec.metric_dmax)
-    probe = torch.cat([model.encode_video(to_unit(clips["rgb"][:32])),
-                       model.encode_video(disparity_unit(clips["depth"][:32], dmax))])
-    model.vae.register_to_config(scaling_factor=float(1.0 / (probe / model._vae_scale()).std()))
-    parts: dict[str, list[torch.Tensor]] = {"rgb": [], "disparity": [], "first": [], "last": [], "camera": []}
+    encode = lambda rows: {
+        "rgb": model.encode_video(to_unit(clips["rgb"][rows])),
+        "disparity": model.encode_video(disparity_unit(clips["depth"][rows], dmax), "disparity"),
+        "first": model.encode_video(to_unit(clips["rgb"][rows, :1])),
+        "last": model.encode_video(to_unit(clips["rgb"][rows, -1:])),
+        "camera": model.encode_camera(torch.stack([model.raymap(c, k, dmax) for c, k in
+                                                   zip(clips["c2w"][rows], clips["k"][rows])]))}
+    model.vae.register_to_config(scaling_factor=1.0)
+    model.spec = dataclasses.replace(model.spec, latent_mean=None, latent_std=None)
+    probe = encode(slice(0, 32))
+    scale = float(1.0 / torch.cat([probe["rgb"], probe["disparity"]]).std())
+    model.vae.register_to_config(scaling_factor=scale)
+    if cfg.standardise_latents:
+        scaled = {name: latents * (1.0 if name == "camera" else scale) for name, latents in probe.items()}
+        model.spec = dataclasses.replace(model.spec, **latent_statistics(scaled))
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in probe}
     for start in tqdm(range(0, count, batch), desc="encode latents"):
-        rows = slice(start, min(start + batch, count))
-        parts["rgb"].append(model.encode_video(to_unit(clips["rgb"][rows])))
-        parts["disparity"].append(model.encode_video(disparity_unit(clips["depth"][rows], dmax)))
-        parts["first"].append(model.encode_video(to_unit(clips["rgb"][rows, :1])))
-        parts["last"].append(model.encode_video(to_unit(clips["rgb"][rows, -1:])))
-        rays = torch.stack([model.raymap(c, k, dmax) for c, k in zip(clips["c2w"][rows], clips["k"][rows])])
-        parts["camera"].append(fold_raymap(rays, model.temporal))
+        for name, latents in encode(slice(start, min(start + batch, count))).items():
+            parts[name].append(latents)
     tensors = {name: torch.cat(chunks).contiguous() for name, chunks in parts.items()}
-    save_file(tensors, str(out), metadata={"scaling_factor": str(model.vae.config.scaling_factor)})
+    save_file(tensors, str(out), metadata=latents_metadata(model))
+
+
+def latent_statistics(latents: dict[str, torch.Tensor], floor: float = 1e-2) -> dict[str, tuple[float, ...]]:
+    """Per-channel mean and std of the packed latents (RGB, disparity, camera: 56 channels) over
+    (clips, frames, positions), for :class:`ModelSpec`'s standardisation. The std is floored at
+    ``floor`` so that channels which never vary (a raymap component the world holds fixed) stay
+    finite; they standardise to a constant the transformer learns at once."""
+    packed = torch.cat([latents["rgb"], latents["disparity"], latents["camera"]], dim=2)
+    channels = packed.transpose(0, 2).reshape(packed.shape[2], -1).double()
+    return {"latent_mean": tuple(channels.mean(dim=1).tolist()),
+            "latent_std": tuple(channels.std(dim=1).clamp_min(floor).tolist())}
+
+
+def latents_metadata(model: CogVideoXWorldModel) -> dict[str, str]:
+    """What a latents file needs to be read back: the VAE scaling factor and the standardisation."""
+    meta = {"scaling_factor": str(model.vae.config.scaling_factor)}
+    if model.spec.latent_mean is not None:
+        meta |= {"latent_mean": json.dumps(model.spec.latent_mean), "latent_std": json.dumps(model.spec.latent_std)}
+    return meta
+
+
+def apply_latents_metadata(model: CogVideoXWorldModel, meta: dict[str, str]) -> None:
+    """Give ``model`` the scaling factor and standardisation its latents were encoded with."""
+    model.vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
+    stats = {name: tuple(json.loads(meta[name])) for name in ("latent_mean", "latent_std") if name in meta}
+    model.spec = dataclasses.replace(model.spec, latent_mean=stats.get("latent_mean"),
+                                     latent_std=stats.get("latent_std"))
 
 
 def training_batch(latents: dict[str, torch.Tensor], rng: np.random.Generator, cfg: "TrainConfig"

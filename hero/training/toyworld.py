@@ -58,6 +58,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
     task_mix: tuple[float, float, float] = (0.7, 0.15, 0.15)  # prediction, planning, reconstruction
+    standardise_latents: bool = True  # every latent channel at zero mean, unit std (ModelSpec.latent_mean)
     compile: bool = True  # the transformer's training forward through torch.compile (1.15-1.3x per step)
     checkpoint_every: int = 100
     monitor_every: int = 500
@@ -88,7 +89,7 @@ def train(cfg: TrainConfig) -> None:
     if "encode" in cfg.stages:
         dit.encode_latents(cfg, model, latents)
     if latents.exists():
-        model.vae.register_to_config(scaling_factor=float(metadata(latents)["scaling_factor"]))
+        dit.apply_latents_metadata(model, metadata(latents))
     if "dit" in cfg.stages:
         dit.train_transformer(cfg, model, latents)
     elif dit_ckpt.exists():
@@ -119,7 +120,8 @@ def export(cfg: TrainConfig, model: CogVideoXWorldModel) -> None:
     info = {"revision": digest.hexdigest()[:12],
             "transformer_steps": checkpoint_step(cfg.workdir / "dit.safetensors"),
             "vae_steps": checkpoint_step(cfg.workdir / "vae.safetensors"),
-            "validation": monitor.last_validation(cfg.workdir), "recipe": recipe_of(cfg)}
+            "validation": monitor.last_validation(cfg.workdir), "recipe": recipe_of(cfg),
+            "latent_mean": model.spec.latent_mean, "latent_std": model.spec.latent_std}
     (out / "model.json").write_text(json.dumps(info, indent=2) + "\n")
     log.info("exported toyworld weights (revision %s) to %s", info["revision"], out)
 

@@ -89,6 +89,8 @@ def load_toyworld(weights: str | Path = WEIGHTS_DIR, device: str = "cpu", **_: o
 
 
 def toyworld_spec(weights: str | Path = WEIGHTS_DIR) -> ModelSpec:
-    """toyworld's spec with the revision of the weights in ``weights`` (read from model.json only)."""
+    """toyworld's spec with the revision and latent standardisation of the weights in ``weights``
+    (read from model.json only; weights exported before standardisation have none)."""
     info = json.loads((Path(weights) / "model.json").read_text())
-    return dataclasses.replace(TOYWORLD_SPEC, revision=info["revision"])
+    stats = {name: tuple(info[name]) for name in ("latent_mean", "latent_std") if info.get(name) is not None}
+    return dataclasses.replace(TOYWORLD_SPEC, revision=info["revision"], **stats)
