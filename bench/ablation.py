@@ -67,10 +67,11 @@ def schedule_variants() -> dict[str, tuple[str, dict[str, Any]]]:
 
 
 def run(scenes: int, out: Path, steps: int | None = None, model_name: str | None = None,
-        part: str = "all") -> dict[str, Any]:
+        part: str = "all", weights: str | None = None) -> dict[str, Any]:
     """Profile full compute and every variant on ``scenes`` held-out toyworld scenes (``steps``
-    None: the model's default; ``model_name`` None: the trained toyworld)."""
-    workload = toyworld_workload(scenes, steps, model_name=model_name)
+    None: the model's default; ``model_name`` None: the trained toyworld, from ``weights`` when
+    given)."""
+    workload = toyworld_workload(scenes, steps, model_name=model_name, weights=weights)
     device = torch.device("cpu")
     coupling = coupling_profile(workload)
     groups = {"parts": PARTS, "schedules": schedule_variants()}
@@ -156,9 +157,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="folder of the results")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (model default)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--weights", default=None,
+                        help="an exported toyworld folder (default: the shipped weights)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = run(args.scenes, args.out, args.steps, part=args.part)
+    result = run(args.scenes, args.out, args.steps, part=args.part, weights=args.weights)
     print(markdown(result, args.part))
 
 

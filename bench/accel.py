@@ -40,12 +40,14 @@ log = logging.getLogger("bench.accel")
 @dataclass
 class Settings:
     """How much to run. ``toyworld_model`` None takes the trained toyworld when its weights exist
-    (else the tiny random model, whose quality numbers mean nothing); ``toyworld_steps`` None
+    (else the tiny random model, whose quality numbers mean nothing), from ``toyworld_weights``
+    when given; ``toyworld_steps`` None
     takes the model's default; ``methods`` None runs all of :func:`bench.methods.default_methods`."""
 
     mode: str = "full"
     scenes: int = 8
     toyworld_model: str | None = None
+    toyworld_weights: str | None = None
     toyworld_steps: int | None = None
     shape: AetherShape = field(default_factory=AetherShape)
     rounds: int = 3
@@ -201,7 +203,8 @@ def run(settings: Settings, out: Path, summary: Path | None, command: str) -> di
         methods = [m for m in methods if m.name in settings.methods]
     load_before = os.getloadavg()
     toyworld = toyworld_workload(settings.scenes, settings.toyworld_steps,
-                                 model_name=settings.toyworld_model, device=settings.device)
+                                 model_name=settings.toyworld_model, device=settings.device,
+                                 weights=settings.toyworld_weights)
     workloads = {"toyworld": bench_workload(toyworld, methods, settings, settings.time_toyworld)}
     del toyworld
     shaped = aether_shaped_workload(settings.shape, device=settings.device)
@@ -235,6 +238,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, Path | No
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     parser.add_argument("--scenes", type=int, default=None, help="toyworld held-out scenes")
     parser.add_argument("--toyworld-model", choices=("toyworld", "tiny"), default=None)
+    parser.add_argument("--toyworld-weights", default=None,
+                        help="an exported toyworld folder (default: the shipped weights)")
     parser.add_argument("--toyworld-steps", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None, help="paired timing rounds")
     parser.add_argument("--layers", type=int, default=None, help="Aether-shaped blocks")
@@ -252,6 +257,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, Path | No
                                                     ("batch", args.batch))
                                                    if v is not None})
     overrides = {"scenes": args.scenes, "toyworld_model": args.toyworld_model,
+                 "toyworld_weights": args.toyworld_weights,
                  "toyworld_steps": args.toyworld_steps, "rounds": args.rounds,
                  "threads": args.threads, "device": args.device,
                  "methods": args.methods.split(",") if args.methods else None}

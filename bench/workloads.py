@@ -97,11 +97,13 @@ class Workload:
 
 
 def toyworld_workload(scenes: int, steps: int | None = None, guidance: float | None = None,
-                      model_name: str | None = None, device: str = "cpu") -> Workload:
-    """Held-out toyworld scenes; ``model_name`` None takes "toyworld" when its weights exist."""
+                      model_name: str | None = None, device: str = "cpu", weights: str | None = None
+                      ) -> Workload:
+    """Held-out toyworld scenes; ``model_name`` None takes "toyworld" when its weights exist (or
+    ``weights`` names an exported folder, e.g. a training run's before it ships)."""
     if model_name is None:
-        model_name = "toyworld" if (WEIGHTS_DIR / "transformer").is_dir() else "tiny"
-    model = load_model(model_name, device=device)
+        model_name = "toyworld" if weights or (WEIGHTS_DIR / "transformer").is_dir() else "tiny"
+    model = load_model(model_name, device=device, **({"weights": weights} if weights else {}))
     config = EvalConfig(scenes=scenes, steps=steps, guidance=guidance)
     clips = [clip_for_seed(seed)[0] for seed in config.seeds()]
     requests = [heldout_request(seed, clip, config, i)

@@ -239,3 +239,21 @@ def test_block_costs_set_time_beside_counted_work():
     assert 0 < hero_partial["flop_share"] < 0.5  # one shallow block of three, a quarter refreshed
     table = blocks.markdown(result, "python -m bench.blocks")
     assert all(f"| {name} |" in table for name in calls)
+
+
+def test_the_toyworld_workload_samples_the_weights_folder_it_is_given(tmp_path):
+    """``--toyworld-weights``/``--weights`` benchmark an export before it ships: the workload
+    loads that folder, not the packaged one."""
+    import shutil
+
+    from bench.accel import parse_args
+    from bench.workloads import toyworld_workload
+    from hero.models.toyworld.model import WEIGHTS_DIR
+
+    export = tmp_path / "export"
+    shutil.copytree(WEIGHTS_DIR, export)
+    info = json.loads((export / "model.json").read_text())
+    (export / "model.json").write_text(json.dumps({**info, "revision": "unshipped"}))
+    assert toyworld_workload(1, steps=2, weights=str(export)).info["revision"] == "unshipped"
+    settings, _, _ = parse_args(["--quick", "--toyworld-weights", str(export)])
+    assert settings.toyworld_weights == str(export)
