@@ -2,9 +2,9 @@
 
 The objective is the sampler's own: v-prediction under the zero-terminal-SNR DDIM schedule that
 ships with the weights (CogVideoX's and Aether's), MSE over the 56 latent channels, the 24 raymap
-channels weighted ``camera_weight`` times (1 by default: the folded raymaps' standard deviation,
-0.88, is close to the scaled image latents' 1.0, so equal weights give each channel an equal say;
-4x gave the camera 75% of the loss and starved the image channels). Tasks are mixed per row
+channels weighted ``camera_weight`` times (1 by default: with the latents standardised every
+channel has unit variance, so equal weights give each channel an equal say; 4x gave the camera
+75% of the loss and starved the image channels). Tasks are mixed per row
 (prediction, planning, reconstruction) as the sampler builds them, the condition is dropped
 ``cfg_dropout`` of the time for classifier-free guidance, and an EMA copy is kept for export. The
 forward runs under bfloat16 autocast (1.6x faster than float32 on this machine's AVX-512 BF16
