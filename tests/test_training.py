@@ -148,31 +148,6 @@ def test_a_run_carried_to_a_fresh_work_folder_continues_from_its_steps(tmp_path)
         carry.restore(tmp_path / "nowhere", machine_b)
 
 
-def test_a_run_carried_with_rounded_weights_continues_close_to_the_uninterrupted_one(tmp_path):
-    """``round_weights`` carries the weights at bfloat16 precision: smaller again, and the run
-    continues within bfloat16 rounding of the one that never moved."""
-    straight = _fresh_training()
-    _steps(*straight, 10)
-    first, machine_a, machine_b = _fresh_training(), tmp_path / "a", tmp_path / "b"
-    machine_a.mkdir()
-    _steps(*first, 6)
-    save_checkpoint(machine_a / "dit.safetensors", 6, {"m": first[0]}, first[1], first[2], first[3])
-    carry.save(machine_a, tmp_path / "exact")
-    carry.save(machine_a, tmp_path / "rounded", round_weights=("dit.safetensors",))
-    size = lambda folder: (folder / "dit.safetensors").stat().st_size
-    assert size(tmp_path / "rounded") < size(tmp_path / "exact")
-
-    carry.restore(tmp_path / "rounded", machine_b)
-    resumed = _fresh_training()
-    assert load_checkpoint(machine_b / "dit.safetensors", {"m": resumed[0]}, *resumed[1:]) == 6
-    for a, b in zip(first[0].parameters(), resumed[0].parameters()):
-        torch.testing.assert_close(b, a.to(torch.bfloat16).float(), rtol=0, atol=0)
-        assert b.dtype == torch.float32
-    _steps(*resumed, 4)
-    for a, b in zip(straight[0].parameters(), resumed[0].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
-
-
 def test_loss_log_drops_rows_written_after_the_checkpoint_it_resumes_from(tmp_path):
     path = tmp_path / "loss.csv"
     log = CsvLog(path, ("loss",))

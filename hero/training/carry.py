@@ -12,9 +12,6 @@ into a new work folder, and the same training command continues from the carried
 
 Within one machine a stage resumes bit for bit; across a carry it resumes with Adam's moments at
 bfloat16 precision (relative error below 0.4%), which only perturbs the next few steps' sizes.
-A transformer's checkpoint (weights, EMA and two moments of 10 M parameters) is still 121 MB that
-way; ``--round-weights dit.safetensors`` carries its weights and EMA in bfloat16 too (80 MB), a
-rounding smaller than one training step moves them.
 """
 
 from __future__ import annotations
@@ -32,11 +29,9 @@ CHECKPOINTS = ("vae.safetensors", "dit.safetensors")
 LOGS = ("recipe.json", "vae_loss.csv", "vae_val.csv", "dit_loss.csv", "dit_val.csv", "progress.png")
 
 
-def compact(source: Path, dest: Path, round_weights: bool = False) -> None:
-    """Copy a checkpoint with its floating-point optimiser moments as bfloat16, and with
-    ``round_weights`` its modules' weights (and EMA) too."""
-    rounded = lambda key, value: _is_moment(key, value) or (round_weights and _is_weight(key, value))
-    tensors = {key: value.to(torch.bfloat16) if rounded(key, value) else value
+def compact(source: Path, dest: Path) -> None:
+    """Copy a checkpoint with its floating-point optimiser moments as bfloat16."""
+    tensors = {key: value.to(torch.bfloat16) if _is_moment(key, value) else value
                for key, value in load_file(str(source)).items()}
     write_atomically(tensors, dest, metadata(source))
 
@@ -45,18 +40,13 @@ def _is_moment(key: str, value: torch.Tensor) -> bool:
     return key.startswith("optim/") and not key.endswith("/step") and value.dtype == torch.float32
 
 
-def _is_weight(key: str, value: torch.Tensor) -> bool:
-    return not key.startswith(("optim/", "rng/")) and value.dtype == torch.float32
-
-
-def save(workdir: Path, dest: Path, round_weights: tuple[str, ...] = ()) -> list[str]:
-    """Copy ``workdir``'s checkpoints (compacted; those named in ``round_weights`` with their
-    weights in bfloat16 as well), logs and contact sheets into ``dest``."""
+def save(workdir: Path, dest: Path) -> list[str]:
+    """Copy ``workdir``'s checkpoints (compacted), logs and contact sheets into ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
     carried = []
     for name in CHECKPOINTS:
         if (workdir / name).exists():
-            compact(workdir / name, dest / name, round_weights=name in round_weights)
+            compact(workdir / name, dest / name)
             carried.append(f"{name} (step {checkpoint_step(dest / name)})")
     for name in LOGS:
         if (workdir / name).exists():
@@ -98,14 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("action", choices=("save", "restore"))
     parser.add_argument("source", type=Path, help="save: the work folder; restore: the carried folder")
     parser.add_argument("dest", type=Path, help="save: the carried folder; restore: the work folder")
-    parser.add_argument("--round-weights", nargs="+", default=(), choices=CHECKPOINTS, metavar="CHECKPOINT",
-                        help="save: checkpoints whose weights and EMA travel in bfloat16 as well "
-                             "(dit.safetensors: 80 MB instead of 121)")
     args = parser.parse_args(argv)
-    if args.action == "save":
-        done = save(args.source, args.dest, tuple(args.round_weights))
-    else:
-        done = restore(args.source, args.dest)
+    done = (save if args.action == "save" else restore)(args.source, args.dest)
     print(f"{args.action}: {', '.join(done) or 'nothing to carry'} -> {args.dest}")
 
 
