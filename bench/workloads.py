@@ -103,7 +103,7 @@ def toyworld_workload(scenes: int, steps: int | None = None, guidance: float | N
     ``weights`` names an exported folder, e.g. a training run's before it ships)."""
     if model_name is None:
         model_name = "toyworld" if weights or (WEIGHTS_DIR / "transformer").is_dir() else "tiny"
-    model = load_model(model_name, device=device, **({"weights": weights} if weights else {}))
+    model = load_model(model_name, device=device, weights=weights or WEIGHTS_DIR)
     config = EvalConfig(scenes=scenes, steps=steps, guidance=guidance)
     clips = [clip_for_seed(seed)[0] for seed in config.seeds()]
     requests = [heldout_request(seed, clip, config, i)
