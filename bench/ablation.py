@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from bench import command_line
 from bench.accel import coupling_profile, method_row, profile_method
 from bench.methods import Method
 from bench.report import ci_text, json_safe, mib, pareto_front, quality_cells, speedup_text
@@ -67,17 +68,20 @@ def schedule_variants() -> dict[str, tuple[str, dict[str, Any]]]:
 
 
 def run(scenes: int, out: Path, steps: int | None = None, model_name: str | None = None,
-        part: str = "all", weights: str | None = None) -> dict[str, Any]:
+        part: str = "all", weights: str | None = None, command: str | None = None) -> dict[str, Any]:
     """Profile full compute and every variant on ``scenes`` held-out toyworld scenes (``steps``
     None: the model's default; ``model_name`` None: the trained toyworld, from ``weights`` when
-    given)."""
+    given). ``command`` is quoted on the page (None: the equivalent command line)."""
     workload = toyworld_workload(scenes, steps, model_name=model_name, weights=weights)
     device = torch.device("cpu")
     coupling = coupling_profile(workload)
     groups = {"parts": PARTS, "schedules": schedule_variants()}
     full = Method("full", "full")
     reference = profile_method(workload, full, device)
-    result: dict[str, Any] = {"info": workload.info, "steps": workload.steps,
+    command = command or command_line("bench.ablation", [
+        "--scenes", str(scenes), "--part", part, *(["--steps", str(steps)] if steps else []),
+        *(["--weights", weights] if weights else [])])
+    result: dict[str, Any] = {"command": command, "info": workload.info, "steps": workload.steps,
                               "guidance": workload.guidance, "coupling": coupling,
                               "full": method_row(full, reference, reference, workload)}
     for group in (("parts", "schedules") if part == "all" else (part,)):
@@ -100,8 +104,7 @@ def markdown(result: dict[str, Any], part: str = "all") -> str:
     info = result["info"]
     lines = [f"HERO ablation on `{info['model']}` (revision `{info['revision']}`), "
              f"{info['scenes']} held-out scenes, {result['steps']} steps, guidance "
-             f"{result['guidance']}: `python -m bench.ablation --scenes {info['scenes']} "
-             f"--part {part}`. Quality: mean over scenes ± the 95% interval of the mean.", ""]
+             f"{result['guidance']}: `{result['command']}`. Quality: mean over scenes ± the 95% interval of the mean.", ""]
     for group in ("parts", "schedules"):
         if group not in result:
             continue
@@ -161,7 +164,8 @@ def main() -> None:
                         help="an exported toyworld folder (default: the shipped weights)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = run(args.scenes, args.out, args.steps, part=args.part, weights=args.weights)
+    result = run(args.scenes, args.out, args.steps, part=args.part, weights=args.weights,
+                 command=command_line("bench.ablation"))
     print(markdown(result, args.part))
 
 

@@ -17,8 +17,6 @@ import dataclasses
 import logging
 import os
 import platform
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any
 
 import torch
 
-from bench import report
+from bench import command_line, report
 from bench.measure import (PeakMemory, TimedRun, count_flops, hook_state_bytes, paired_times,
                            steady_cpu_allocator)
 from bench.methods import Method, apply_method, default_methods, steps_methods
@@ -270,8 +268,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, Path | No
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings, out, summary = parse_args(argv)
-    command = "python -m bench.accel " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    return run(settings, out, summary, command.strip())
+    return run(settings, out, summary, command_line("bench.accel", argv))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from bench import command_line
 from bench.measure import count_flops, steady_cpu_allocator
 from bench.report import json_safe, number_text
 from bench.workloads import AetherShape, aether_shaped_workload
@@ -201,8 +202,7 @@ def main() -> None:
     torch.set_num_threads(1)
     steady_cpu_allocator()
     result = measure(AetherShape(batch=args.batch), args.rounds, compiled=not args.no_compile)
-    command = f"python -m bench.blocks --batch {args.batch} --rounds {args.rounds}" + \
-        (" --no-compile" if args.no_compile else "")
+    command = command_line("bench.blocks")
     stem = f"blocks_batch{args.batch}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")

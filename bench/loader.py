@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench import command_line
 from hero.models.base import Rollout
 from hero.world.clips import clip_for_seed
 from pipeline.loader import collate_windows, rollout_files, rollout_windows
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   for fields in (everything, ("rgb", "actions")) for workers in WORKERS]
     result = {"source": source, "height": int(height), "width": int(width), "length": args.length,
               "cpus": os.cpu_count(), "threads": args.threads, "depth": depth_figures(rollouts), "run": run,
-              "loader": loader, "command": " ".join(["python -m bench.loader", *(sys.argv[1:] if argv is None else argv)])}
+              "loader": loader, "command": command_line("bench.loader", argv)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shlex
-import sys
 import tempfile
 import time
 import uuid
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from bench import command_line
 from hero.accelerators import apply_accelerator
 from hero.models import load_model, model_spec
 from hero.models.base import RolloutRequest
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 config = job_config(workdir, [*extra, "--actors", str(actors), "--batch-size", str(batch)])
                 log.info("sweep: %d actor(s), batch size %d", actors, batch)
                 sweep.append(time_job(config))
-    result = {"command": "python -m bench.pipeline " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+    result = {"command": command_line("bench.pipeline", argv),
               "model": embedded.model.name, "accel": embedded.accel.name,
               "embedded": job, "half": half, "plain": plain,
               "overhead": overhead(job, half, plain, ray_start_s), "sweep": sweep}

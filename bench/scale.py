@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import command_line
+
 REPO = Path(__file__).resolve().parents[1]
 PLAN_SIZES = (1_000, 10_000, 100_000, 1_000_000)
 FIRST_ROW_SIZES = (1_000, 10_000, 100_000)
@@ -383,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(plan_pass(args.plan_pass)))
         return {}
     phases = args.phases.split(",")
-    command = "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("bench.scale", argv)
     path = args.out / "scale.json"
     result = json.loads(path.read_text()) if path.exists() else {"commands": {}}
     result.update(cpus=os.cpu_count(), rows_per_shard=ROWS_PER_SHARD)

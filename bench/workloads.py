@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 
 from hero.models import load_model
 from hero.models.base import Rollout, RolloutRequest
-from hero.models.cogvideox_world import CogVideoXWorldModel, ModelSpec, build_condition, latent_frames
+from hero.models.cogvideox_world import CogVideoXWorldModel, ModelSpec
 from hero.evaluation import EvalConfig, heldout_request
 from hero.models.toyworld.model import SCHEDULER_CONFIG, VAE_CONFIG, WEIGHTS_DIR
 from hero.world import Clip, clip_for_seed
@@ -148,14 +147,7 @@ def aether_shaped_workload(shape: AetherShape, device: str = "cpu") -> Workload:
 
 def prediction_condition(model: CogVideoXWorldModel, requests: list[RolloutRequest]) -> torch.Tensor:
     """Condition latents of prediction requests (first image + camera path), as ``generate`` builds them."""
-    frames = requests[0].frames
-    images = np.stack([r.image[None] for r in requests])
-    image = model.encode_video(torch.from_numpy(images).float().div(127.5).sub(1).permute(0, 1, 4, 2, 3))
-    dmax = model.spec.metric_dmax or 1.0
-    rays = torch.stack([model.raymap(r.c2w[:frames], r.k[:frames], dmax) for r in requests])
-    shape = (len(requests), latent_frames(frames, model.temporal), 56,
-             model.height // model.spatial, model.width // model.spatial)
-    return build_condition(TASK, image, None, None, model.encode_camera(rays), shape)
+    return model.sampling_inputs(requests, TASK, requests[0].frames, camera=True)[0]
 
 
 def _with_steps(request: RolloutRequest, steps: int, guidance: float | None = None) -> RolloutRequest:

@@ -223,6 +223,7 @@ def test_ablation_orders_hero_parts_by_cost(tmp_path):
     assert json.loads((tmp_path / "ablation.json").read_text())["steps"] == 6
     table = (tmp_path / "ablation.md").read_text()
     assert all(f"| {label} |" in table for label in [*ablation.PARTS, *schedules])
+    assert "`python -m bench.ablation --scenes 1 --part all --steps 6`" in table
     assert (tmp_path / "ablation_schedules.png").stat().st_size > 0
 
 

@@ -11,6 +11,7 @@ import json
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 
 from hero import metrics
 from hero.models.base import Rollout
@@ -18,8 +19,8 @@ from hero.models.toyworld import load_tiny
 from hero.evaluation import METRICS, EvalConfig, baseline_rollout, evaluate, score_against_truth
 from hero.evaluation.__main__ import apply_accel, main
 from hero.evaluation.drift import long_clip, long_trajectory
-from hero.evaluation.heldout import heldout_markdown
-from hero.evaluation.sensitivity import SensitivityConfig, evaluate_sensitivity, sensitivity_markdown
+from hero.evaluation.heldout import heldout_markdown, heldout_request
+from hero.evaluation.sensitivity import SensitivityConfig, evaluate_sensitivity, noise_response, sensitivity_markdown
 from hero.world import FAR, HELDOUT_SEED_BASE, clip_for_seed
 
 
@@ -163,6 +164,25 @@ def test_sensitivity_compares_step_counts_per_seed_and_seeds_at_the_default(tiny
     assert "4_vs_default" not in summary
     table = sensitivity_markdown(result)
     assert "| 4 | (the reference) |" in table and "Between noise seeds at 4 steps" in table
+    response = summary["noise_response"]
+    assert set(response) == {"rgb", "disparity", "camera"}
+    assert all(row["non_affine"]["count"] == 2 and row["fewer_step_count"] == 1 for row in response.values())
+    assert "| rgb |" in table and "1 steps vs 4" in table
+
+
+def test_noise_response_is_affine_exactly_when_the_transformer_ignores_its_input(tiny):
+    """A transformer that predicts zero makes every DDIM step linear in the latents, so the sample
+    is a linear function of the noise; the trained (here random) transformer is not."""
+    requests = [heldout_request(0, clip_for_seed(HELDOUT_SEED_BASE + i)[0], EvalConfig(), i) for i in range(2)]
+    nonlinear = noise_response(tiny, requests, steps=4, fewer_steps=2, seed=0)
+    silent = load_tiny()
+    torch.nn.init.zeros_(silent.transformer.proj_out.weight)
+    torch.nn.init.zeros_(silent.transformer.proj_out.bias)
+    linear = noise_response(silent, requests, steps=4, fewer_steps=2, seed=0)
+    for part in ("rgb", "disparity", "camera"):
+        assert linear[part]["non_affine"]["max"] < 1e-8
+        assert nonlinear[part]["non_affine"]["min"] > 1e-4
+        assert linear[part]["noise_share"]["min"] > 0.5  # the noise is all there is to the sample
 
 
 def test_model_spec_matches_the_loaded_models_without_weights():

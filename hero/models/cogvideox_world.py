@@ -271,7 +271,7 @@ class CogVideoXWorldModel:
             if getattr(request, name) is None:
                 raise ValueError(f"{name}: required for task {request.task!r}")
 
-    def _inputs(self, requests: list[RolloutRequest], task: str, frames: int, camera: bool
+    def sampling_inputs(self, requests: list[RolloutRequest], task: str, frames: int, camera: bool
                 ) -> tuple[torch.Tensor, list[np.ndarray | None], list[np.ndarray]]:
         """Condition latents for a batch (the task's observations, and the commanded paths when
         ``camera``), with each request's commanded path (None without one) and intrinsics."""
@@ -304,18 +304,22 @@ class CogVideoXWorldModel:
 
     @torch.no_grad()
     def denoise(self, condition: torch.Tensor, task: str, steps: int, guidance: float,
-                seeds: list[int], fps: int | None = None) -> torch.Tensor:
+                seeds: list[int], fps: int | None = None, noise: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """The sampling loop: returns clean latents (B, T', 56, h, w).
 
         Every transformer call runs under ``cache_context`` so cache hooks see the step index;
         with guidance the [uncond, cond] halves are batched in one call ("cond_uncond"). Each row
-        draws its initial noise, and the DPM solver's step noise, from its own seeded generator.
+        draws its initial noise, and the DPM solver's step noise, from its own seeded generator;
+        ``noise`` (B, T', 56, h, w), when given, is the initial noise instead (to study how a
+        sample depends on it).
         """
         batch, lat, _, h, w = condition.shape
         out_channels = self.transformer.config.out_channels
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        noise = [torch.randn((1, lat, out_channels, h, w), generator=g) for g in generators]
-        latents = (torch.cat(noise) * self.scheduler.init_noise_sigma).to(self.device, self.dtype)
+        if noise is None:
+            noise = torch.cat([torch.randn((1, lat, out_channels, h, w), generator=g) for g in generators])
+        latents = (noise * self.scheduler.init_noise_sigma).to(self.device, self.dtype)
         condition = condition.to(self.device, self.dtype)
         use_cfg = guidance > 1.0
         if use_cfg:
@@ -353,7 +357,7 @@ class CogVideoXWorldModel:
     def _generate_batch(self, requests: list[RolloutRequest], task: str, frames: int, steps: int,
                         guidance: float, fps: int, camera: bool) -> list[Rollout]:
         started = time.perf_counter()
-        condition, poses, ks = self._inputs(requests, task, frames, camera)
+        condition, poses, ks = self.sampling_inputs(requests, task, frames, camera)
         latents = self.denoise(condition, task, steps, guidance, [r.seed for r in requests], fps)
         sampled = time.perf_counter()
         rgb = self.decode_video(latents[:, :, PARTS["rgb"]])[:, :frames]
