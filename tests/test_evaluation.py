@@ -12,6 +12,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from diffusers import CogVideoXDPMScheduler
 
 from hero import metrics
 from hero.models.base import Rollout
@@ -183,6 +184,17 @@ def test_noise_response_is_affine_exactly_when_the_transformer_ignores_its_input
         assert linear[part]["non_affine"]["max"] < 1e-8
         assert nonlinear[part]["non_affine"]["min"] > 1e-4
         assert linear[part]["noise_share"]["min"] > 0.5  # the noise is all there is to the sample
+
+
+def test_a_stochastic_sampler_gets_no_noise_response(tiny):
+    """CogVideoX's DPM scheduler adds fresh noise every step, so how the sample depends on the
+    initial noise says nothing about the model: the table leaves it out."""
+    stochastic = load_tiny()
+    stochastic.scheduler = CogVideoXDPMScheduler.from_config(stochastic.scheduler.config)
+    assert stochastic.samples_stochastically and not tiny.samples_stochastically
+    config = SensitivityConfig(scenes=1, noise_seeds=1, step_counts=(1, None), batch_size=1)
+    result = evaluate_sensitivity(stochastic, config)
+    assert "noise_response" not in result.summary and "1_vs_default" in result.summary
 
 
 def test_model_spec_matches_the_loaded_models_without_weights():

@@ -68,7 +68,7 @@ def evaluate_sensitivity(model: WorldModel, config: SensitivityConfig | None = N
     between = [pairwise(samples[default_steps, a], samples[default_steps, b])
                for a in range(config.noise_seeds) for b in range(a + 1, config.noise_seeds)]
     summary["between_seeds"] = over_scenes(np.concatenate(between)) if between else over_scenes([])
-    if isinstance(model, CogVideoXWorldModel):
+    if isinstance(model, CogVideoXWorldModel) and not model.samples_stochastically:
         requests = [heldout_request(0, clip, config, i) for i, clip in enumerate(clips)]
         summary["noise_response"] = noise_response(model, requests, default_steps, min(counts),
                                                    config.sample_seed)
@@ -86,6 +86,7 @@ def noise_response(model: CogVideoXWorldModel, requests: list[RolloutRequest], s
     over the noise-driven part's energy: 0 when the sample is an affine function of the noise (a
     Gaussian posterior), of order 1 when it is far from one. ``fewer_steps``: the energy of
     f_fewer(z1) - f(z1) over the noise-driven part's, the step count's effect on that scale.
+    Meaningful for a deterministic sampler only: a stochastic one forgets its initial noise.
     """
     frames = requests[0].frames
     condition = model.sampling_inputs(requests, "prediction", frames, camera=True)[0]

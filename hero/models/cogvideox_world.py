@@ -170,6 +170,12 @@ class CogVideoXWorldModel:
     def default_steps(self, task: str) -> int:
         return self.spec.default_steps[task]
 
+    @property
+    def samples_stochastically(self) -> bool:
+        """Whether the sampler adds fresh noise at every step (CogVideoX's DPM scheduler, Aether's)
+        rather than following the deterministic DDIM trajectory from the initial noise."""
+        return isinstance(self.scheduler, CogVideoXDPMScheduler)
+
     # ----------------------------------------------------------------- encoding
     def _vae_scale(self) -> float:
         return float(self.vae.config.scaling_factor)
@@ -344,7 +350,7 @@ class CogVideoXWorldModel:
                 scale = guidance_at(guidance, t, train_steps, self.spec.dynamic_guidance[task],
                                     self.spec.guidance_ramp, steps)
                 pred = uncond + scale * (cond - uncond)
-            if isinstance(self.scheduler, CogVideoXDPMScheduler):
+            if self.samples_stochastically:
                 back = timesteps[i - 1] if i > 0 else None
                 latents, old_x0 = self.scheduler.step(pred, old_x0, t, back, latents.float(),
                                                       generator=generators, return_dict=False)
