@@ -244,6 +244,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, Path | No
     parser.add_argument("--steps", type=int, default=None, help="Aether-shaped sampling steps")
     parser.add_argument("--batch", type=int, default=None,
                         help="Aether-shaped requests per sampling (default 2; x2 rows with guidance)")
+    parser.add_argument("--no-toyworld-timing", action="store_true",
+                        help="score toyworld's quality without timing it (speed comes from the "
+                             "Aether-shaped workload)")
     parser.add_argument("--no-steps-matched", action="store_true",
                         help="leave out the fewer-steps comparison")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
@@ -261,6 +264,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, Path | No
                  "methods": args.methods.split(",") if args.methods else None}
     settings = dataclasses.replace(settings, shape=shape,
                                    steps_matched=not args.no_steps_matched,
+                                   time_toyworld=settings.time_toyworld and not args.no_toyworld_timing,
                                    **{k: v for k, v in overrides.items() if v is not None})
     summary = Path(args.summary) if args.summary else None
     return settings, args.out, summary

@@ -258,3 +258,14 @@ def test_the_toyworld_workload_samples_the_weights_folder_it_is_given(tmp_path):
     assert toyworld_workload(1, steps=2, weights=str(export)).info["revision"] == "unshipped"
     settings, _, _ = parse_args(["--quick", "--toyworld-weights", str(export)])
     assert settings.toyworld_weights == str(export)
+
+
+def test_toyworld_timing_can_be_left_out_of_a_full_run():
+    """Speed comes from the Aether-shaped workload; ``--no-toyworld-timing`` keeps toyworld for
+    quality only and touches nothing else."""
+    from bench.accel import parse_args
+
+    timed, _, _ = parse_args([])
+    untimed, _, _ = parse_args(["--no-toyworld-timing", "--rounds", "2"])
+    assert timed.time_toyworld and not untimed.time_toyworld
+    assert untimed.rounds == 2 and untimed.mode == "full"

@@ -65,7 +65,7 @@ ACCELERATORS: dict[str, AcceleratorSpec] = {
     "hero": _hero_spec("default", "HERO, default preset: two PARTIAL steps per FULL step"),
     "hero-quality": _hero_spec("quality", "HERO, quality preset: one PARTIAL step per FULL step"),
     "hero-fast": _hero_spec("fast", "HERO, fast preset: three PARTIAL steps per FULL step"),
-    "hero-turbo": _hero_spec("turbo", "HERO, turbo preset: five PARTIAL steps per FULL step"),
+    "hero-turbo": _hero_spec("turbo", "HERO, turbo preset: four PARTIAL steps per FULL step"),
     **DIFFUSERS_CACHES,
     "magcache": MAGCACHE,
     "fora": _baseline("FORA: every block's cached residual reused on every other step",
