@@ -148,7 +148,10 @@ def test_smoke_json_has_every_method_and_sane_fields(smoke):
         matched = sorted(m for n in steps_rows for m in methods[n]["matches"])
         cheaper = sorted(m for m in SMOKE_METHODS
                          if round(workload["steps"] * methods[m]["flops_ratio"]) < workload["steps"])
-        assert cheaper and matched == cheaper, name  # every saving method's cost matched once
+        if name == "toyworld":  # every saving method's cost matched once, where quality is scored
+            assert cheaper and matched == cheaper, name
+        else:  # a loop of n steps costs n/S on any model: not timed again on the speed workload
+            assert not steps_rows, name
         for row in (methods[n] for n in steps_rows):
             assert row["steps"] < workload["steps"]
             assert row["flops_ratio"] == pytest.approx(row["steps"] / workload["steps"], rel=0.02)
