@@ -6,10 +6,10 @@ saves and what it costs. The presets in ``hero.cache.config.PRESETS`` are read o
 *Parts*: the default preset with one thing changed: no shallow refresh (every block
 extrapolated), no deep extrapolation (every block refreshed), the stale shallow tokens
 forecast to first order instead of reused, the paper's third of the blocks shallow instead of the
-probe's split, step positions instead of timesteps, two warm-up steps, keys/values recomputed. *Schedules*:
-the default preset's parts at every interval from 2 to 8, static, and verified (the schedule
-checks itself: a PARTIAL step whose refreshed tokens find the forecast off by more than the
-threshold makes the next step FULL) at longer intervals, so a verified schedule can be compared
+probe's split, step positions instead of timesteps, two warm-up steps, keys/values recomputed.
+*Schedules*: the default preset's parts at every interval from 2 to 8, static, and verified (the
+schedule checks itself: a PARTIAL step whose refreshed tokens find the forecast off by more than
+the threshold makes the next step FULL) at longer intervals, so a verified schedule can be compared
 with the static one of equal FLOPs. Each row is scored as ``bench.accel`` scores a method (counted
 FLOPs of the sampling loop, PSNR/SSIM/AbsRel against full compute with 95% intervals over scenes,
 the PSNR drop against the rendered truth, cache bytes). Writes ``<out>/ablation.json``, ``.md`` and

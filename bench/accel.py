@@ -268,7 +268,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, Path | No
                  "methods": args.methods.split(",") if args.methods else None}
     settings = dataclasses.replace(settings, shape=shape,
                                    steps_matched=not args.no_steps_matched,
-                                   time_toyworld=settings.time_toyworld and not args.no_toyworld_timing,
+                                   time_toyworld=(settings.time_toyworld
+                                                  and not args.no_toyworld_timing),
                                    **{k: v for k, v in overrides.items() if v is not None})
     summary = Path(args.summary) if args.summary else None
     return settings, args.out, summary
