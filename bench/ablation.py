@@ -3,8 +3,9 @@ saves and what it costs. The presets in ``hero.cache.config.PRESETS`` are read o
 
     python -m bench.ablation [--scenes 8] [--part parts|schedules|all] [--out docs/bench]
 
-*Parts*: the default preset with one thing changed: no shallow refresh (every block
-extrapolated), no deep extrapolation (every block refreshed), the stale shallow tokens
+*Parts*: the default preset with one thing changed: the deep stack's whole residual forecast
+instead of its blocks' pre-gate features, one shallow block refreshed (the probe picks none on
+a flat profile), no deep extrapolation (every block refreshed), the shallow block's stale tokens
 forecast to first order instead of reused, the paper's third of the blocks shallow instead of the
 probe's split, step positions instead of timesteps, two warm-up steps, keys/values recomputed.
 *Schedules*: the default preset's parts at every interval from 2 to 8, static, and verified (the
@@ -35,21 +36,23 @@ from bench.workloads import toyworld_workload
 log = logging.getLogger("bench.ablation")
 
 PARTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "hero (default)": ("the default preset: refresh shallow (the rest reuse their residual), "
-                       "extrapolate deep, probe's split", {}),
-    "no shallow refresh": ("every block deep: PARTIAL steps extrapolate the whole stack",
-                           {"split": 0}),
+    "hero (default)": ("the default preset: the deep blocks' features extrapolated before their "
+                       "gates, the probe's split (no shallow block on a flat profile)", {}),
+    "residual forecast": ("the deep stack's whole residual extrapolated (gates of the FULL "
+                          "steps) instead of its blocks' features", {"deep_forecast": "residual"}),
+    "shallow refresh": ("one shallow block refreshing a quarter of its tokens (the rest reuse "
+                        "their residual)", {"split": 1}),
     "no deep extrapolation": ("every block shallow: PARTIAL steps refresh a quarter of every "
                               "block's tokens", {"split": None, "shallow_fraction": 1.0}),
-    "shallow forecast": ("stale shallow tokens forecast to first order instead of reused",
-                         {"shallow_forecast": "linear"}),
+    "shallow forecast": ("one shallow block, its stale tokens forecast to first order instead "
+                         "of reused", {"split": 1, "shallow_forecast": "linear"}),
     "paper's split": ("a third of the blocks shallow, not the probe's split",
                       {"split": None, "shallow_fraction": 1 / 3}),
     "step positions": ("forecasts in step index instead of timestep", {"positions": "step"}),
     "two warm-up steps": ("two FULL steps first: the first forecast extrapolates their slope",
                           {"warmup_steps": 2}),
-    "recompute keys/values": ("keys/values of every token recomputed on PARTIAL steps",
-                              {"kv_mode": "recompute_kv"}),
+    "recompute keys/values": ("one shallow block, keys/values of every token recomputed on "
+                              "PARTIAL steps", {"split": 1, "kv_mode": "recompute_kv"}),
 }
 STATIC_INTERVALS = (2, 3, 4, 5, 6, 8)
 VERIFIED = ((4, 0.3), (6, 0.3), (8, 0.1), (8, 0.2), (8, 0.5))

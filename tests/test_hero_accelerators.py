@@ -79,6 +79,23 @@ def test_accelerators_with_separate_cfg_calls(name, model_and_reference):
     assert torch.equal(sample(model, STEPS, cfg="separate")[0], reference)
 
 
+def test_taylorseer_computes_its_last_step_in_full(model_and_reference):
+    """One warm-up step, every third step after it (steps 0, 2, 5 of 8), and the last one unless
+    ``final_full_steps=0``."""
+    model, _ = model_and_reference
+    last_computed = {}
+    for final in (0, 1):
+        accelerator = apply_accelerator(model.transformer, "taylorseer", final_full_steps=final)
+        try:
+            sample(model, STEPS, cfg="batched")
+            last_computed[final] = {
+                state.last_update_step for hook in accelerator._hooks_with("disable_cache_after_step")
+                for state in hook.state_manager._state_cache.values()}
+        finally:
+            accelerator.remove()
+    assert last_computed == {0: {5}, 1: {STEPS - 1}}
+
+
 def test_magcache_reads_a_saved_calibration(model_and_reference, tmp_path):
     model, reference = model_and_reference
     path = tmp_path / "mag.json"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hero.cache import (HeroConfig, StepMode, apply_hero, choose_split, hero_stats, remove_hero,
                         run_probe, schedule)
 from hero.cache.attention import attention
-from hero.cache.extrapolate import ResidualHistory
+from hero.cache.extrapolate import LinearForecast
 from hero.cache.refresh import RefreshTracker, build_layout
 from bench.tiny_transformers import sample, tiny_cogvideox
 
@@ -116,16 +116,25 @@ def test_linear_extrapolation_with_uneven_positions():
     def line(s: float) -> torch.Tensor:
         return torch.full((2, 3, 4), 1.0 + 0.5 * s)
 
-    history = ResidualHistory()
+    forecast = LinearForecast()
     with pytest.raises(RuntimeError, match="FULL"):
-        history.predict(torch.tensor(1.0))
-    history.push(torch.tensor(0.0), line(0.0))
-    assert torch.equal(history.predict(torch.tensor(3.0)), line(0.0)), "one FULL step: hold"
+        forecast.predict(torch.tensor(1.0))
+    forecast.push(torch.tensor(0.0), [line(0.0)])
+    assert torch.equal(forecast.predict(torch.tensor(3.0)), line(0.0)), "one FULL step: hold"
     for position in (1.0, 4.0):
-        history.push(torch.tensor(position), line(position))
-    assert len(history) == 2
-    torch.testing.assert_close(history.predict(torch.tensor(7.0)), line(7.0))
-    torch.testing.assert_close(history.predict(torch.tensor(-2.0)), line(-2.0))
+        forecast.push(torch.tensor(position), [line(position)])
+    torch.testing.assert_close(forecast.predict(torch.tensor(7.0)), line(7.0))
+    torch.testing.assert_close(forecast.predict(torch.tensor(-2.0)), line(-2.0))
+
+
+def test_gated_forecasts_add_each_term_times_its_gate():
+    forecast = LinearForecast()
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    forecast.push(torch.tensor(0.0), [a, b])
+    forecast.push(torch.tensor(2.0), [a + 2, b - 4])
+    gate = torch.randn(2, 1, 4)
+    out = forecast.add_to_(torch.ones(2, 3, 4), torch.tensor(3.0), [gate, None])
+    torch.testing.assert_close(out, 1 + gate * (a + 3) + (b - 6))
 
 
 def test_sdpa_attention_matches_torch_layout():
@@ -137,9 +146,10 @@ def test_sdpa_attention_matches_torch_layout():
 
 def test_choose_split_cuts_badly_forecast_shallow_from_well_forecast_deep():
     assert choose_split([1.0, 0.9, 0.8, 0.1, 0.12, 0.09]) == 3
-    assert choose_split([0.1, 0.1, 1.0, 1.0]) == 1, "deep not forecast better: least refresh"
+    assert choose_split([0.1, 0.1, 1.0, 1.0]) == 0, "deep not forecast better: no refresh"
+    assert choose_split([0.1, 0.1, 1.0, 1.0], min_shallow=1) == 1
     flat = [0.052, 0.035, 0.048, 0.048, 0.049, 0.046, 0.044, 0.044, 0.044, 0.042, 0.037, 0.04]
-    assert choose_split(flat) == 1, "a flat profile (the trained toyworld's) has no real cut"
+    assert choose_split(flat) == 0, "a flat profile (the trained toyworld's) has no real cut"
     assert choose_split([5.0, 0.01, 0.01, 0.01], min_shallow=2) == 2
 
 

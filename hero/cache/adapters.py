@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hero.cache.attention import attention
@@ -34,13 +35,16 @@ class BlockInputs:
 @dataclass
 class PartialOutput:
     """A block run on refreshed tokens: their outputs (B, n, C) and residuals (outputs minus
-    inputs), the condition tokens' outputs (when the block returns them), and the keys/values its
-    attention read (every token's: what ``cached_kv`` mode keeps for the next step)."""
+    inputs), the condition tokens' outputs (when the block returns them), the keys/values its
+    attention read (every token's: what ``cached_kv`` mode keeps for the next step), and its
+    sub-layers' outputs before their gates (the residual is their sum, each times its gate from
+    :meth:`BlockAdapter.feature_gates`)."""
 
     hidden: torch.Tensor
     residual: torch.Tensor
     encoder: torch.Tensor | None
     key_value: KeyValue
+    features: list[torch.Tensor]
 
 
 class Selection:
@@ -160,6 +164,11 @@ class BlockAdapter:
         attended, and the condition tokens pass through (their cached keys/values attended)."""
         raise NotImplementedError
 
+    def feature_gates(self, block: nn.Module, temb: torch.Tensor) -> list[torch.Tensor | None]:
+        """The gates ``block`` applies, at the timestep embedded in ``temb``, to the video tokens'
+        sub-layer outputs (``PartialOutput.features``, in order; None: ungated)."""
+        raise NotImplementedError
+
 
 def bind_model_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The model's forward arguments by name (positional ones included)."""
@@ -253,7 +262,20 @@ class CogVideoXAdapter(BlockAdapter):
         ff = block.ff(torch.cat([norm_enc, norm_sub], dim=1))
         x_sub = x_sub + gate_ff * ff[:, q_text:]
         enc_out = enc_out + enc_gate_ff * ff[:, :q_text]
-        return PartialOutput(x_sub, x_sub - x_in, enc_out if q_text else enc, (key, value))
+        return PartialOutput(x_sub, x_sub - x_in, enc_out if q_text else enc, (key, value),
+                             [out[:, q_text:], ff[:, q_text:]])
+
+    def feature_gates(self, block: nn.Module, temb: torch.Tensor) -> list[torch.Tensor | None]:
+        return [_layer_norm_zero_gate(block.norm1, temb), _layer_norm_zero_gate(block.norm2, temb)]
+
+
+def _layer_norm_zero_gate(norm: nn.Module, temb: torch.Tensor) -> torch.Tensor:
+    """The video gate (B, 1, C) of a ``CogVideoXLayerNormZero``: the third of the six chunks of
+    its modulation, computed alone (a sixth of the linear)."""
+    width = norm.linear.out_features // 6
+    rows = slice(2 * width, 3 * width)
+    bias = None if norm.linear.bias is None else norm.linear.bias[rows]
+    return F.linear(norm.silu(temb), norm.linear.weight[rows], bias)[:, None, :]
 
 
 def _rope_rows(rope: tuple[torch.Tensor, torch.Tensor], selection: Selection | None
@@ -339,11 +361,16 @@ class WanAdapter(BlockAdapter):
         out = attn.to_out[1](attn.to_out[0](out))
         x_sub = (x_sub.float() + out * gate).type_as(x)
         norm_sub = block.norm2(x_sub.float()).type_as(x)
-        x_sub = x_sub + block.attn2(norm_sub, inputs.encoder, None, None)
+        cross = block.attn2(norm_sub, inputs.encoder, None, None)
+        x_sub = x_sub + cross
         norm_sub = (block.norm3(x_sub.float()) * (1 + c_scale) + c_shift).type_as(x)
         ff = block.ffn(norm_sub)
         x_sub = (x_sub.float() + ff.float() * c_gate).type_as(x)
-        return PartialOutput(x_sub, x_sub - x_in, None, (key, value))
+        return PartialOutput(x_sub, x_sub - x_in, None, (key, value), [out, cross, ff])
+
+    def feature_gates(self, block: nn.Module, temb: torch.Tensor) -> list[torch.Tensor | None]:
+        terms, _ = self._modulation(block, temb, None)
+        return [terms[2], None, terms[5]]
 
 
 ADAPTERS: dict[str, BlockAdapter] = {a.name: a for a in (CogVideoXAdapter(), WanAdapter())}

@@ -1,48 +1,64 @@
-"""Forecasting the deep stack's residual from the FULL steps, in timestep (or step) positions.
+"""Forecasting what the deep stack adds, from the FULL steps, in timestep (or step) positions.
 
-With ``a`` the last FULL step's position and ``b`` the one before, the linear forecast is
-``D(s) = D(a) + (s - a) (D(a) - D(b)) / (a - b)``. Positions are the sampler's timesteps, so a
-non-uniform schedule is extrapolated along the curve it samples; for equally spaced steps this is
-``f(t+1) = 2 f(t) - f(t-1)``. With one FULL step seen the residual is held (with a one-step
-warm-up, the presets' choice, the first forecast after the warm-up holds and the next extrapolates
-over a whole interval, instead of extrapolating the slope of the two fastest-changing steps).
-Everything stays on the device (positions are 0-dim tensors): forecasting costs no sync.
+A :class:`LinearForecast` keeps tensors as they were at the last FULL step ``a`` and their slope
+since the one before, ``b``: ``f(s) = f(a) + (s - a) (f(a) - f(b)) / (a - b)``. Positions are the
+sampler's timesteps, so a non-uniform schedule is extrapolated along the curve it samples; for
+equally spaced steps this is ``f(t+1) = 2 f(t) - f(t-1)``. With one FULL step seen the tensors are
+held (with a one-step warm-up, the presets' choice, the first forecast after the warm-up holds
+and the next extrapolates over a whole interval, instead of extrapolating the slope of the two
+fastest-changing steps).
+
+What is forecast is HERO's ``deep_forecast``: the deep stack's whole residual (one tensor), or
+every deep block's sub-layer outputs before their gates (the gates are then those of the step being
+forecast, computed from its timestep embedding: a block's gates move with the timestep in ways a
+straight line through two FULL steps misses). Everything stays on the device (positions are
+0-dim tensors): forecasting costs no sync.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
-
-class ResidualHistory:
-    """A residual (B, N, C) at the last FULL steps, with their positions, and its forecast."""
+class LinearForecast:
+    """Tensors (B, N, C) at the last FULL step, their slopes per unit of position, and the sum of
+    their forecasts at any position, each scaled by a gate."""
 
     def __init__(self) -> None:
-        self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._out: torch.Tensor | None = None
+        self.position: torch.Tensor | None = None
+        self.values: list[torch.Tensor] = []
+        self.slopes: list[torch.Tensor] | None = None
 
-    def push(self, position: torch.Tensor, residual: torch.Tensor) -> None:
-        """Record a FULL step's residual at ``position`` (a 0-dim tensor)."""
-        self.entries = [*self.entries[-1:], (position.float(), residual)]
+    def push(self, position: torch.Tensor, values: Sequence[torch.Tensor]) -> None:
+        """Record a FULL step's tensors at ``position`` (a 0-dim tensor)."""
+        position = position.float()
+        if self.position is not None:
+            gap = (position - self.position).to(values[0].dtype)
+            self.slopes = [(new - old) / gap for new, old in zip(values, self.values)]
+        self.position, self.values = position, list(values)
+
+    def add_to_(self, out: torch.Tensor, position: torch.Tensor,
+                gates: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """``out += sum_i gate_i * forecast_i(position)`` in place (a gate of None is one)."""
+        if self.position is None:
+            raise RuntimeError("no FULL step has been recorded yet; the schedule must start FULL")
+        gates = gates if gates is not None else [None] * len(self.values)
+        elapsed = (position.float() - self.position).to(out.dtype)
+        for i, (value, gate) in enumerate(zip(self.values, gates)):
+            scale = torch.ones((), dtype=out.dtype, device=out.device) if gate is None else gate
+            out.addcmul_(scale, value)
+            if self.slopes is not None:
+                out.addcmul_(scale * elapsed, self.slopes[i])
+        return out
 
     def predict(self, position: torch.Tensor) -> torch.Tensor:
-        """The forecast at ``position``, in the residuals' dtype, in a buffer reused per call."""
-        if not self.entries:
+        """The sum of the (ungated) forecasts at ``position``, as a new tensor."""
+        if not self.values:
             raise RuntimeError("no FULL step has been recorded yet; the schedule must start FULL")
-        a, d_a = self.entries[-1]
-        if len(self.entries) == 1:
-            return d_a
-        b, d_b = self.entries[-2]
-        weight = (position.float() - a) / (a - b)
-        if self._out is None or self._out.shape != d_a.shape:
-            self._out = torch.empty_like(d_a)
-        return torch.sub(d_a, d_b, out=self._out).mul_(weight.to(d_a.dtype)).add_(d_a)
-
-    def __len__(self) -> int:
-        return len(self.entries)
+        return self.add_to_(torch.zeros_like(self.values[0]), position)
 
     @property
     def nbytes(self) -> int:
-        buffers = [t for _, t in self.entries] + ([self._out] if self._out is not None else [])
-        return sum(t.nbytes for t in buffers)
+        return sum(t.nbytes for t in [*self.values, *(self.slopes or [])])

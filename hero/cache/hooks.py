@@ -6,9 +6,10 @@ FULL or PARTIAL (:class:`~hero.cache.schedule.Schedule`: a data-independent rule
 checked by the drift the previous PARTIAL step measured), resets stale state, picks the tokens to
 refresh and keeps the statistics. A hook on every block plays the block's role for the current
 split: shallow blocks cache per-token residuals (and keys/values) on FULL steps and, on PARTIAL
-steps, run the block on the refreshed tokens only and forecast the rest; the first deep block
-records the deep stack's input and, on PARTIAL steps, returns it plus the forecast deep residual;
-the last one records that residual on FULL steps. One state per cache context (``"cond"`` /
+steps, run the block on the refreshed tokens only and forecast the rest. Deep blocks record on
+FULL steps what their forecast needs (each block's sub-layer outputs before their gates, or the
+stack's input and residual); on PARTIAL steps the first deep block returns its input plus the
+forecast (the features times the gates of this step, or the residual) and the others pass it on. One state per cache context (``"cond"`` /
 ``"uncond"``) lives in a diffusers ``StateManager``; caches keep the batch axis, so batched CFG rows
 stay apart too. With ``split="auto"`` a generation whose shape has no calibration yet runs in full
 while the probe records, and the split it picks holds from the next generation on.
@@ -30,7 +31,7 @@ from hero.cache.adapters import (BlockAdapter, BlockInputs, KeyValue, Selection,
                                  write_tokens_)
 from hero.cache.calibration import calibration_file, load_calibration, model_fingerprint
 from hero.cache.config import HeroConfig
-from hero.cache.extrapolate import ResidualHistory
+from hero.cache.extrapolate import LinearForecast
 from hero.cache.hooking import StepClock, find_hook, input_signature, install_hooks, uninstall_hooks
 from hero.cache.probe import (MIN_PROBE_STEPS, CouplingRecorder, calibration_record, choose_split,
                               save_calibration)
@@ -79,7 +80,7 @@ class HeroState(BaseState):
         self.computed_at: torch.Tensor | None = None
         self.shallow: dict[int, ShallowCache] = {}
         self.deep_input: torch.Tensor | None = None
-        self.deep_history: ResidualHistory | None = None
+        self.deep_forecasts: dict[int, LinearForecast] = {}
         self.drift_error: torch.Tensor | None = None
         self.drift_norm: torch.Tensor | None = None
         self.drift: torch.Tensor | None = None
@@ -94,22 +95,23 @@ class HeroState(BaseState):
         if self.computed_at is not None:
             tensors.append(self.computed_at)
         total = sum(t.nbytes for t in tensors)
-        total += self.deep_history.nbytes if self.deep_history is not None else 0
+        total += sum(forecast.nbytes for forecast in self.deep_forecasts.values())
         return total + (self.tracker.nbytes if self.tracker is not None else 0)
 
 
 @dataclass
 class HeroRuntime:
-    """What every HERO hook of one model shares: config, adapter, depth, the split (None while
+    """What every HERO hook of one model shares: config, adapter, blocks, the split (None while
     ``"auto"`` has not resolved it for a shape), the step source and compiled kernels."""
 
     config: HeroConfig
     adapter: BlockAdapter
-    num_layers: int
+    blocks: nn.ModuleList
     split: int | None
     scheduler: Any = None
 
     def __post_init__(self) -> None:
+        self.num_layers = len(self.blocks)
         self.kernels = {name: self.compiled(kernel) if self.config.compile else kernel
                         for name, kernel in KERNELS.items()}
         self.splits: dict[str, int] = {}
@@ -150,7 +152,7 @@ class HeroRuntime:
         if num_steps < MIN_PROBE_STEPS:
             # Too short to measure which blocks forecast well: the cheapest split, as choose_split
             # takes when the profile does not separate (nothing is calibrated or cached).
-            return choose_split([1.0] * self.num_layers), None
+            return choose_split([1.0] * self.num_layers, self.min_shallow), None
         config = self.config
         if config.calibration_path is not None:
             path = config.calibration_path
@@ -164,7 +166,13 @@ class HeroRuntime:
                 self.splits[path] = int(load_calibration(path, self.num_layers)["split"])
             except FileNotFoundError:
                 return None, path
-        return self.splits[path], None
+        return max(self.splits[path], self.min_shallow), None
+
+    @property
+    def min_shallow(self) -> int:
+        """The fewest shallow blocks: one when the schedule verifies itself (the refreshed tokens
+        are its evidence), else none."""
+        return 1 if self.config.verify_threshold is not None else 0
 
 
 def _partial_block(adapter: BlockAdapter, block: nn.Module, inputs: BlockInputs,
@@ -194,7 +202,16 @@ def _keyed_full_block(adapter: BlockAdapter, block: nn.Module, inputs: BlockInpu
     return part.hidden, part.encoder, part.residual, part.key_value
 
 
-KERNELS = {kernel.__name__: kernel for kernel in (_partial_block, _keyed_full_block)}
+def _featured_full_block(adapter: BlockAdapter, block: nn.Module, inputs: BlockInputs, backend: str
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """A deep block on a FULL step when its features are forecast: every token through HERO's
+    block function, which also hands back the sub-layer outputs before their gates."""
+    part = adapter.partial_forward(block, inputs, None, None, backend)
+    return part.hidden, part.encoder, part.features
+
+
+KERNELS = {kernel.__name__: kernel
+           for kernel in (_partial_block, _keyed_full_block, _featured_full_block)}
 
 
 class HeroRootHook(ModelHook):
@@ -253,8 +270,6 @@ class HeroRootHook(ModelHook):
             state.recorder = CouplingRecorder(self.runtime.num_layers)
             state.calibration_path = calibrate_to
             state.stats.calibration = True
-        else:
-            state.deep_history = ResidualHistory()
 
     def _mode(self, state: HeroState, step: int) -> StepMode:
         """FULL while calibrating or before any FULL step; else what the schedule says, told
@@ -312,7 +327,7 @@ class HeroRootHook(ModelHook):
         """The calibration generation is complete: choose the split, save it, use it from now."""
         runtime = self.runtime
         profile = state.recorder.profiles()["forecast_error"]
-        split = choose_split(profile)
+        split = choose_split(profile, runtime.min_shallow)
         record = calibration_record(state.recorder, split, runtime.adapter.model_class_name,
                                     state.num_steps)
         save_calibration(state.calibration_path, record)
@@ -354,8 +369,9 @@ class HeroBlockHook(ModelHook):
     """Block ``index``: its role (shallow, deep entry, deep, deep exit) follows the state's split.
 
     Shallow ``i < k``: cache per-token residuals on FULL, patch-wise refresh on PARTIAL. Deep
-    ``i >= k``: the first records ``x_k`` on FULL and returns ``x_k + D̂`` on PARTIAL, the last
-    records ``D = x_L - x_k`` on FULL, the others pass their input through on PARTIAL.
+    ``i >= k`` on FULL: each records its sub-layer features (``deep_forecast="features"``), or the
+    first records ``x_k`` and the last ``D = x_L - x_k`` (``"residual"``); on PARTIAL the first
+    returns ``x_k`` plus the forecast and the others pass their input through.
     """
 
     def __init__(self, state_manager: StateManager, runtime: HeroRuntime, index: int) -> None:
@@ -446,22 +462,49 @@ class HeroBlockHook(ModelHook):
     def _deep(self, module: nn.Module, state: HeroState, args: tuple, kwargs: dict[str, Any]
               ) -> Any:
         adapter = self.runtime.adapter
-        is_entry, is_exit = self.index == state.split, self.index == self.runtime.num_layers - 1
         if state.mode is StepMode.FULL:
-            if is_entry:
-                state.deep_input = adapter.bind(args, kwargs).hidden
-            output = self.runtime.run_full(self, state, args, kwargs)
-            if is_exit:
-                residual = adapter.split_output(output)[0] - state.deep_input
-                state.deep_history.push(state.position, residual)
-                state.deep_input = None
-            return output
+            if self.runtime.config.deep_forecast == "features":
+                return self._record_features(module, state, adapter.bind(args, kwargs))
+            return self._record_residual(state, args, kwargs)
         inputs = adapter.bind(args, kwargs)
         encoder = inputs.encoder if adapter.returns_encoder else None
-        if not is_entry:
+        if self.index != state.split:
             return adapter.pack_output(inputs.hidden, encoder)
-        return adapter.pack_output(inputs.hidden + state.deep_history.predict(state.position),
-                                   encoder)
+        return adapter.pack_output(self._forecast_deep(state, inputs), encoder)
+
+    def _record_features(self, module: nn.Module, state: HeroState, inputs: BlockInputs) -> Any:
+        """FULL step, features forecast: the block through HERO's block function, its sub-layer
+        outputs before their gates kept."""
+        hidden, encoder, features = self.runtime.kernel("_featured_full_block", state)(
+            self.runtime.adapter, module, inputs, self.runtime.config.attention_backend)
+        state.deep_forecasts.setdefault(self.index, LinearForecast()).push(state.position,
+                                                                            features)
+        return self.runtime.adapter.pack_output(hidden, encoder)
+
+    def _record_residual(self, state: HeroState, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """FULL step, residual forecast: the first deep block keeps the stack's input, the last
+        one the residual the stack added to it."""
+        adapter = self.runtime.adapter
+        if self.index == state.split:
+            state.deep_input = adapter.bind(args, kwargs).hidden
+        output = self.runtime.run_full(self, state, args, kwargs)
+        if self.index == self.runtime.num_layers - 1:
+            residual = adapter.split_output(output)[0] - state.deep_input
+            state.deep_forecasts.setdefault(state.split, LinearForecast()).push(state.position,
+                                                                                [residual])
+            state.deep_input = None
+        return output
+
+    def _forecast_deep(self, state: HeroState, inputs: BlockInputs) -> torch.Tensor:
+        """PARTIAL step, first deep block: the stack's input plus what the deep blocks are
+        forecast to add, with each block's gates at this step when features are forecast."""
+        runtime = self.runtime
+        out = inputs.hidden.clone()
+        for index, forecast in state.deep_forecasts.items():
+            gates = None if runtime.config.deep_forecast == "residual" else \
+                runtime.adapter.feature_gates(runtime.blocks[index], inputs.temb)
+            forecast.add_to_(out, state.position, gates)
+        return out
 
 
 def _nonzero(x: torch.Tensor) -> torch.Tensor:
@@ -493,7 +536,7 @@ def apply_hero(model: nn.Module | Any, config: HeroConfig | None = None) -> None
         raise ValueError("HERO is already applied to this transformer; call remove_hero first")
     adapter = adapter_for(transformer)
     blocks = adapter.blocks(transformer)
-    runtime = HeroRuntime(config, adapter, len(blocks), config.resolve_split(len(blocks)),
+    runtime = HeroRuntime(config, adapter, blocks, config.resolve_split(len(blocks)),
                           scheduler)
     manager = StateManager(HeroState)
     install_hooks(transformer,
