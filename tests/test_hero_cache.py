@@ -487,6 +487,31 @@ def test_auto_split_on_a_generation_too_short_to_probe_takes_the_cheapest_split(
     assert list(tmp_path.glob("*.json")) == []
 
 
+def test_a_cached_calibration_is_cut_by_the_current_rule(tmp_path):
+    """A calibration cached under an earlier rule (here: split 3 of a flat profile) is re-cut from
+    its profile; a file named by ``calibration_path`` keeps its split."""
+    model = tiny_cogvideox(num_layers=4)
+    inputs, text = drifting_latents(model, 6), model.text(1)
+    apply_hero(model.transformer, HeroConfig(split="auto", calibration_dir=str(tmp_path)))
+    try:
+        run(model, inputs, text)
+    finally:
+        remove_hero(model.transformer)
+    (cached,) = tmp_path.glob("*.json")
+    record = json.loads(cached.read_text())
+    cached.write_text(json.dumps({**record, "split": 3, "profile": [0.05] * 4}))
+    splits = {}
+    for name, config in (("cached", HeroConfig(split="auto", calibration_dir=str(tmp_path))),
+                         ("named", HeroConfig(split="auto", calibration_path=str(cached)))):
+        apply_hero(model.transformer, config)
+        try:
+            run(model, inputs, text)
+            splits[name] = hero_stats(model.transformer)["split"]
+        finally:
+            remove_hero(model.transformer)
+    assert splits == {"cached": 0, "named": 3}
+
+
 def test_auto_split_calibrates_on_the_first_generation_and_is_cached(tmp_path):
     model = tiny_cogvideox(num_layers=4)
     inputs, text = drifting_latents(model, 6), model.text(1)

@@ -163,9 +163,12 @@ class HeroRuntime:
                                         config.calibration_dir))
         if path not in self.splits:
             try:
-                self.splits[path] = int(load_calibration(path, self.num_layers)["split"])
+                record = load_calibration(path, self.num_layers)
             except FileNotFoundError:
                 return None, path
+            # a file the user named keeps its split; the cache's are re-cut by today's rule
+            self.splits[path] = int(record["split"]) if config.calibration_path is not None \
+                else choose_split(record["profile"], self.min_shallow)
         return max(self.splits[path], self.min_shallow), None
 
     @property
