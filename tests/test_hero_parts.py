@@ -116,15 +116,18 @@ def test_linear_extrapolation_with_uneven_positions():
     def line(s: float) -> torch.Tensor:
         return torch.full((2, 3, 4), 1.0 + 0.5 * s)
 
+    def predict(position: float) -> torch.Tensor:
+        return forecast.add_to_(torch.zeros(2, 3, 4), torch.tensor(position))
+
     forecast = LinearForecast()
     with pytest.raises(RuntimeError, match="FULL"):
-        forecast.predict(torch.tensor(1.0))
+        predict(1.0)
     forecast.push(torch.tensor(0.0), [line(0.0)])
-    assert torch.equal(forecast.predict(torch.tensor(3.0)), line(0.0)), "one FULL step: hold"
+    assert torch.equal(predict(3.0), line(0.0)), "one FULL step: hold"
     for position in (1.0, 4.0):
         forecast.push(torch.tensor(position), [line(position)])
-    torch.testing.assert_close(forecast.predict(torch.tensor(7.0)), line(7.0))
-    torch.testing.assert_close(forecast.predict(torch.tensor(-2.0)), line(-2.0))
+    torch.testing.assert_close(predict(7.0), line(7.0))
+    torch.testing.assert_close(predict(-2.0), line(-2.0))
 
 
 def test_gated_forecasts_add_each_term_times_its_gate():

@@ -53,12 +53,6 @@ class LinearForecast:
                 out.addcmul_(scale * elapsed, self.slopes[i])
         return out
 
-    def predict(self, position: torch.Tensor) -> torch.Tensor:
-        """The sum of the (ungated) forecasts at ``position``, as a new tensor."""
-        if not self.values:
-            raise RuntimeError("no FULL step has been recorded yet; the schedule must start FULL")
-        return self.add_to_(torch.zeros_like(self.values[0]), position)
-
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in [*self.values, *(self.slopes or [])])
