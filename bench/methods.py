@@ -6,6 +6,8 @@ exactly what ``--accel`` gives a pipeline user. "Fewer steps" methods are full c
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +54,7 @@ def default_methods() -> list[Method]:
         Method("fbc-fast", "diffusers", "fbc-fast"),
         Method("taylorseer", "diffusers", "taylorseer"),
         Method("taylorseer-o2", "diffusers", "taylorseer", {"max_order": 2}),
+        Method("taylorseer-o3", "diffusers", "taylorseer", {"max_order": 3}),
         Method("taylorseer-fast", "diffusers", "taylorseer-fast"),
         Method("magcache", "diffusers", "magcache"),
         Method("fora", "baseline", "fora"),
@@ -62,11 +65,13 @@ def default_methods() -> list[Method]:
 
 
 def steps_methods(flops_ratios: dict[str, float], steps: int) -> list[Method]:
-    """Full compute at ``round(steps * ratio)`` steps for every distinct cost ratio measured
-    (methods that save less than half a step are matched by full compute itself)."""
+    """Full compute at the fewest steps that cost at least as much as a method, for every
+    distinct cost ratio measured (methods that save less than a whole step are matched by full
+    compute itself). Rounding up asks what the method's budget buys as plain steps; a row rounded
+    down would cost less than the method it matches and be faster by rounding alone."""
     by_steps: dict[int, list[str]] = {}
     for name, ratio in flops_ratios.items():
-        matched = max(1, round(steps * ratio))
+        matched = max(1, math.ceil(steps * ratio - 1e-6))
         if matched < steps:
             by_steps.setdefault(matched, []).append(name)
     return [Method(f"steps-{n}", "steps", steps=n, matches=tuple(names))

@@ -20,6 +20,8 @@ TARGET_SPEEDUP = 2.0  # HERO default, both speed measures (issue 12; 2.5 is the 
 TARGET_TURBO = 3.5  # hero-turbo, wall-clock
 TARGET_PSNR_DROP = 0.3
 SPEED_WORKLOAD, QUALITY_WORKLOAD = "aether-shaped", "toyworld"
+NO_SPEEDUP = "NO SPEEDUP"
+IDLE_FLOPS = 1.005  # a FLOPs reduction below this on both workloads: nothing was skipped
 
 
 # ------------------------------------------------------------------------------------ judgements
@@ -45,9 +47,12 @@ def claims(result: dict[str, Any]) -> list[dict[str, Any]]:
                            speed["hero-turbo"]["speedup"], ">=", TARGET_TURBO))
     if result.get("verdicts"):
         unbeaten = sorted(n for n, text in result["verdicts"].items() if text.startswith("NOT"))
+        idle = sorted(n for n, text in result["verdicts"].items() if text.startswith(NO_SPEEDUP))
+        notes = ([", ".join(unbeaten)] if unbeaten else []) + \
+            ([f"not accelerators here (skipped nothing): {', '.join(idle)}"] if idle else [])
         rows.append({"claim": "methods no HERO preset beats (quality at equal or higher speed) = 0",
                      "value": len(unbeaten), "target": 0, "met": not unbeaten,
-                     "note": ", ".join(unbeaten) or None})
+                     "note": "; ".join(notes) or None})
     return rows
 
 
@@ -61,7 +66,9 @@ def _claim(name: str, value: float | None, op: str, target: float, note: str | N
 def verdicts(result: dict[str, Any]) -> dict[str, str]:
     """For every other method: the HERO preset at least as fast on both speed measures with the
     best quality, when its quality is higher (with the paired per-scene PSNR difference and its
-    95% interval), or a plain statement that none is."""
+    95% interval), or a plain statement that none is. A method that skipped no computation on
+    either workload (its output is full compute's) is said to be no accelerator here instead: no
+    approximation can beat it on quality, and it is not faster than full compute."""
     speed = result["workloads"][SPEED_WORKLOAD]["methods"]
     toy = result["workloads"][QUALITY_WORKLOAD]["methods"]
     heroes = [n for n, row in toy.items() if row["family"] == "hero" and n in speed]
@@ -71,6 +78,13 @@ def verdicts(result: dict[str, Any]) -> dict[str, str]:
                 or wall_speedup(name, speed, toy) is None:
             continue
         mine = _point(name, speed, toy)
+        shaped_flops = speed.get(name, {}).get("flops_speedup") or mine["flops"]
+        if max(mine["flops"], shaped_flops) < IDLE_FLOPS:
+            out[name] = (f"{NO_SPEEDUP}: {name} skipped no computation on either workload "
+                         f"({mine['flops']:.2f}x fewer FLOPs on toyworld, {shaped_flops:.2f}x "
+                         f"Aether-shaped): its output is full compute's, and its "
+                         f"{mine['wall']:.2f}x wall-clock is no speedup")
+            continue
         faster = [h for h in heroes if _point(h, speed, toy)["wall"] >= mine["wall"]
                   and _point(h, speed, toy)["flops"] >= mine["flops"]]
         if not faster:

@@ -18,7 +18,7 @@ from bench import ablation, blocks
 from bench.accel import Settings, run
 from bench.measure import PairedTimes, PeakMemory, cpu_attention_flops, count_flops, hook_state_bytes
 from bench.methods import default_methods, steps_methods
-from bench.report import pareto_front, update_summary
+from bench.report import claims, pareto_front, update_summary, verdicts
 from bench.workloads import AetherShape
 from hero.accelerators import ACCELERATORS
 from hero.baselines import ForaConfig, apply_fora, fora_stats, remove_fora
@@ -125,16 +125,44 @@ def test_paired_ratio_is_the_median_over_rounds():
     assert summary["time_ratio_median"] == 0.5 and summary["speedup"] == 2.0
 
 
-def test_steps_methods_group_equal_costs():
-    methods = steps_methods({"a": 0.5, "b": 0.52, "c": 0.3, "d": 0.97, "e": 0.01, "f": 0.91}, 10)
+def test_steps_methods_cost_at_least_what_they_match_and_group_equal_costs():
+    ratios = {"a": 0.5, "b": 0.48, "c": 0.3, "d": 0.97, "e": 0.01, "f": 0.81, "g": 0.52}
+    methods = steps_methods(ratios, 10)
     assert [(m.name, m.steps, m.matches) for m in methods] == [
-        ("steps-9", 9, ("f",)), ("steps-5", 5, ("a", "b")), ("steps-3", 3, ("c",)),
-        ("steps-1", 1, ("e",))]
+        ("steps-9", 9, ("f",)), ("steps-6", 6, ("g",)), ("steps-5", 5, ("a", "b")),
+        ("steps-3", 3, ("c",)), ("steps-1", 1, ("e",))]
 
 
 def test_pareto_front_keeps_undominated_points():
     points = [(1.0, 40.0), (2.0, 30.0), (1.5, 35.0), (1.2, 20.0), (2.0, 25.0)]
     assert pareto_front(points) == [(1.0, 40.0), (1.5, 35.0), (2.0, 30.0)]
+
+
+def _judged_row(family: str, flops: float, psnr: float) -> dict:
+    scenes = [psnr - 0.5, psnr + 0.5]
+    return {"family": family, "flops_speedup": flops,
+            "quality": {"vs_full": {"psnr": psnr, "scenes": {"psnr": scenes}},
+                        "psnr_drop_vs_truth": 0.0, "psnr_drop_vs_truth_ci": 0.0}}
+
+
+def test_verdicts_name_the_preset_that_wins_and_set_apart_what_skips_nothing():
+    toy = {"full": _judged_row("full", 1.0, math.inf), "hero": _judged_row("hero", 3.0, 45.0),
+           "fast-and-good": _judged_row("diffusers", 2.0, 40.0),
+           "slow-and-better": _judged_row("diffusers", 1.5, 50.0),
+           "too-fast": _judged_row("baseline", 4.0, 30.0),
+           "idle": _judged_row("diffusers", 1.0, math.inf)}
+    speed = {name: {"speedup": toy[name]["flops_speedup"] * 0.95,
+                    "flops_speedup": toy[name]["flops_speedup"]} for name in toy}
+    result = {"workloads": {"aether-shaped": {"methods": speed},
+                            "toyworld": {"methods": toy, "info": {"trained": True}}}}
+    result["verdicts"] = judged = verdicts(result)
+    assert judged["fast-and-good"].startswith("HERO (hero) is better: PSNR 45.00 dB vs 40.00 dB")
+    assert judged["slow-and-better"].startswith("NOT beaten by HERO: every HERO preset as fast")
+    assert judged["too-fast"].startswith("NOT beaten by HERO: no HERO preset is as fast")
+    assert judged["idle"].startswith("NO SPEEDUP: idle skipped no computation")
+    count = next(c for c in claims(result) if c["claim"].startswith("methods no HERO"))
+    assert count["value"] == 2 and not count["met"]
+    assert count["note"] == "slow-and-better, too-fast; not accelerators here (skipped nothing): idle"
 
 
 def test_smoke_json_has_every_method_and_sane_fields(smoke):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hero.cache import (HeroConfig, StepMode, apply_hero, choose_split, hero_stats, remove_hero,
                         run_probe, schedule)
 from hero.cache.attention import attention
-from hero.cache.extrapolate import LinearForecast
+from hero.cache.extrapolate import PolynomialForecast
 from hero.cache.refresh import RefreshTracker, build_layout
 from bench.tiny_transformers import sample, tiny_cogvideox
 
@@ -119,7 +119,7 @@ def test_linear_extrapolation_with_uneven_positions():
     def predict(position: float) -> torch.Tensor:
         return forecast.add_to_(torch.zeros(2, 3, 4), torch.tensor(position))
 
-    forecast = LinearForecast()
+    forecast = PolynomialForecast()
     with pytest.raises(RuntimeError, match="FULL"):
         predict(1.0)
     forecast.push(torch.tensor(0.0), [line(0.0)])
@@ -130,8 +130,27 @@ def test_linear_extrapolation_with_uneven_positions():
     torch.testing.assert_close(predict(-2.0), line(-2.0))
 
 
+def test_second_order_forecast_is_exact_on_a_parabola_and_starts_lower():
+    def parabola(s: float) -> torch.Tensor:
+        return torch.full((1, 2, 3), 2.0 - 0.5 * s + 0.25 * s * s)
+
+    def predict(position: float) -> torch.Tensor:
+        return forecast.add_to_(torch.zeros(1, 2, 3), torch.tensor(position))
+
+    forecast = PolynomialForecast(order=2)
+    forecast.push(torch.tensor(0.0), [parabola(0.0)])
+    assert torch.equal(predict(5.0), parabola(0.0)), "one FULL step: hold"
+    forecast.push(torch.tensor(1.0), [parabola(1.0)])
+    line = parabola(1.0) + 4.0 * (parabola(1.0) - parabola(0.0))
+    torch.testing.assert_close(predict(5.0), line, msg="two FULL steps: the line")
+    for position in (3.0, 7.0):  # uneven gaps; the oldest point drops out
+        forecast.push(torch.tensor(position), [parabola(position)])
+    torch.testing.assert_close(predict(9.0), parabola(9.0))
+    assert forecast.nbytes == 3 * parabola(0.0).nbytes, "three tensors kept, no more"
+
+
 def test_gated_forecasts_add_each_term_times_its_gate():
-    forecast = LinearForecast()
+    forecast = PolynomialForecast()
     a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     forecast.push(torch.tensor(0.0), [a, b])
     forecast.push(torch.tensor(2.0), [a + 2, b - 4])

@@ -62,10 +62,14 @@ _HERO_OPTIONS = tuple(f for f in HeroConfig.__dataclass_fields__ if f != "preset
 
 ACCELERATORS: dict[str, AcceleratorSpec] = {
     "none": AcceleratorSpec("the model as it is", {}, Accelerator),
-    "hero": _hero_spec("default", "HERO, default preset: three PARTIAL steps per FULL step"),
-    "hero-quality": _hero_spec("quality", "HERO, quality preset: two PARTIAL steps per FULL step"),
-    "hero-fast": _hero_spec("fast", "HERO, fast preset: four PARTIAL steps per FULL step"),
-    "hero-turbo": _hero_spec("turbo", "HERO, turbo preset: five PARTIAL steps per FULL step"),
+    "hero": _hero_spec("default", "HERO, default preset: three PARTIAL steps per FULL step, "
+                                  "third-order forecasts"),
+    "hero-quality": _hero_spec("quality", "HERO, quality preset: one PARTIAL step per FULL step, "
+                                          "third-order forecasts"),
+    "hero-fast": _hero_spec("fast", "HERO, fast preset: four PARTIAL steps per FULL step, "
+                                    "second-order forecasts"),
+    "hero-turbo": _hero_spec("turbo", "HERO, turbo preset: seven PARTIAL steps per FULL step, "
+                                      "second-order forecasts"),
     **DIFFUSERS_CACHES,
     "magcache": MAGCACHE,
     "fora": _baseline("FORA: every block's cached residual reused on every other step",

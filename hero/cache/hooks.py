@@ -31,7 +31,7 @@ from hero.cache.adapters import (BlockAdapter, BlockInputs, KeyValue, Selection,
                                  write_tokens_)
 from hero.cache.calibration import calibration_file, load_calibration, model_fingerprint
 from hero.cache.config import HeroConfig
-from hero.cache.extrapolate import LinearForecast
+from hero.cache.extrapolate import PolynomialForecast
 from hero.cache.hooking import StepClock, find_hook, input_signature, install_hooks, uninstall_hooks
 from hero.cache.probe import (MIN_PROBE_STEPS, CouplingRecorder, calibration_record, choose_split,
                               save_calibration)
@@ -80,7 +80,7 @@ class HeroState(BaseState):
         self.computed_at: torch.Tensor | None = None
         self.shallow: dict[int, ShallowCache] = {}
         self.deep_input: torch.Tensor | None = None
-        self.deep_forecasts: dict[int, LinearForecast] = {}
+        self.deep_forecasts: dict[int, PolynomialForecast] = {}
         self.drift_error: torch.Tensor | None = None
         self.drift_norm: torch.Tensor | None = None
         self.drift: torch.Tensor | None = None
@@ -480,8 +480,7 @@ class HeroBlockHook(ModelHook):
         outputs before their gates kept."""
         hidden, encoder, features = self.runtime.kernel("_featured_full_block", state)(
             self.runtime.adapter, module, inputs, self.runtime.config.attention_backend)
-        state.deep_forecasts.setdefault(self.index, LinearForecast()).push(state.position,
-                                                                            features)
+        self._forecast_of(state, self.index).push(state.position, features)
         return self.runtime.adapter.pack_output(hidden, encoder)
 
     def _record_residual(self, state: HeroState, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -493,10 +492,15 @@ class HeroBlockHook(ModelHook):
         output = self.runtime.run_full(self, state, args, kwargs)
         if self.index == self.runtime.num_layers - 1:
             residual = adapter.split_output(output)[0] - state.deep_input
-            state.deep_forecasts.setdefault(state.split, LinearForecast()).push(state.position,
-                                                                                [residual])
+            self._forecast_of(state, state.split).push(state.position, [residual])
             state.deep_input = None
         return output
+
+    def _forecast_of(self, state: HeroState, key: int) -> PolynomialForecast:
+        """The deep forecast kept under ``key`` (a block, or the split for the residual)."""
+        if key not in state.deep_forecasts:
+            state.deep_forecasts[key] = PolynomialForecast(self.runtime.config.forecast_order)
+        return state.deep_forecasts[key]
 
     def _forecast_deep(self, state: HeroState, inputs: BlockInputs) -> torch.Tensor:
         """PARTIAL step, first deep block: the stack's input plus what the deep blocks are
