@@ -1,7 +1,7 @@
 """HERO's parts one at a time, and its schedules side by side, on the trained toyworld: what each
 saves and what it costs. The presets in ``hero.cache.config.PRESETS`` are read off this page.
 
-    python -m bench.ablation [--scenes 8] [--part parts|schedules|all] [--out docs/bench]
+    python -m bench.ablation [--scenes 8] [--part parts|schedules|orders|all] [--out docs/bench]
 
 *Parts*: the default preset with one thing changed: the deep stack's whole residual forecast
 instead of its blocks' pre-gate features, one shallow block refreshed (the probe picks none on
@@ -13,8 +13,11 @@ schedule checks itself: a PARTIAL step whose refreshed tokens find the forecast 
 the threshold makes the next step FULL) at longer intervals, so a verified schedule can be compared
 with the static one of equal FLOPs. Each row is scored as ``bench.accel`` scores a method (counted
 FLOPs of the sampling loop, PSNR/SSIM/AbsRel against full compute with 95% intervals over scenes,
-the PSNR drop against the rendered truth, cache bytes). Writes ``<out>/ablation.json``, ``.md`` and
-``ablation_schedules.png`` (quality against FLOPs reduction, static and verified).
+the PSNR drop against the rendered truth, cache bytes). *Orders*: the deep forecast's polynomial
+order 1, 2 and 3 at every static interval (each order keeps one more tensor per sub-layer).
+Writes ``<out>/ablation.json``, ``.md`` and the plots ``ablation_schedules.png`` (static and
+verified) and ``ablation_orders.png`` (one line per order), quality against FLOPs reduction; a
+single ``--part`` writes ``ablation_<part>.*`` instead, leaving the other pages as they are.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -56,6 +59,8 @@ PARTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 STATIC_INTERVALS = (2, 3, 4, 5, 6, 8)
 VERIFIED = ((4, 0.3), (6, 0.3), (8, 0.1), (8, 0.2), (8, 0.5))
+ORDERS = (1, 2, 3)
+GROUPS = ("parts", "schedules", "orders")
 
 
 def schedule_variants() -> dict[str, tuple[str, dict[str, Any]]]:
@@ -70,6 +75,14 @@ def schedule_variants() -> dict[str, tuple[str, dict[str, Any]]]:
     return variants
 
 
+def order_variants() -> dict[str, tuple[str, dict[str, Any]]]:
+    """The deep forecast at every order and static interval, with the default preset's parts."""
+    return {f"order {order}, interval {i}": (
+        f"a FULL step every {i} steps, the polynomial of degree {order} through the last "
+        f"{order + 1} FULL steps", {"interval": i, "forecast_order": order})
+        for order in ORDERS for i in STATIC_INTERVALS}
+
+
 def run(scenes: int, out: Path, steps: int | None = None, model_name: str | None = None,
         part: str = "all", weights: str | None = None, command: str | None = None) -> dict[str, Any]:
     """Profile full compute and every variant on ``scenes`` held-out toyworld scenes (``steps``
@@ -78,7 +91,7 @@ def run(scenes: int, out: Path, steps: int | None = None, model_name: str | None
     workload = toyworld_workload(scenes, steps, model_name=model_name, weights=weights)
     device = torch.device("cpu")
     coupling = coupling_profile(workload)
-    groups = {"parts": PARTS, "schedules": schedule_variants()}
+    groups = {"parts": PARTS, "schedules": schedule_variants(), "orders": order_variants()}
     full = Method("full", "full")
     reference = profile_method(workload, full, device)
     command = command or command_line("bench.ablation", [
@@ -87,7 +100,7 @@ def run(scenes: int, out: Path, steps: int | None = None, model_name: str | None
     result: dict[str, Any] = {"command": command, "info": workload.info, "steps": workload.steps,
                               "guidance": workload.guidance, "coupling": coupling,
                               "full": method_row(full, reference, reference, workload)}
-    for group in (("parts", "schedules") if part == "all" else (part,)):
+    for group in (GROUPS if part == "all" else (part,)):
         rows = result[group] = {}
         for label, (meaning, options) in groups[group].items():
             log.info("profiling %s", label)
@@ -96,10 +109,15 @@ def run(scenes: int, out: Path, steps: int | None = None, model_name: str | None
                                      workload)
             rows[label]["meaning"] = meaning
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
-    (out / "ablation.md").write_text(markdown(result, part))
+    stem = "ablation" if part == "all" else f"ablation_{part}"
+    (out / f"{stem}.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result, part))
     if "schedules" in result:
-        schedules_plot(result["schedules"], out / "ablation_schedules.png")
+        quality_plot(result["schedules"], out / "ablation_schedules.png",
+                     lambda label: label.split(",")[0])
+    if "orders" in result:
+        quality_plot(result["orders"], out / "ablation_orders.png",
+                     lambda label: label.split(",")[0])
     return result
 
 
@@ -108,7 +126,7 @@ def markdown(result: dict[str, Any], part: str = "all") -> str:
     lines = [f"HERO ablation on `{info['model']}` (revision `{info['revision']}`), "
              f"{info['scenes']} held-out scenes, {result['steps']} steps, guidance "
              f"{result['guidance']}: `{result['command']}`. Quality: mean over scenes ± the 95% interval of the mean.", ""]
-    for group in ("parts", "schedules"):
+    for group in GROUPS:
         if group not in result:
             continue
         lines += [f"## {group}", "",
@@ -126,20 +144,25 @@ def markdown(result: dict[str, Any], part: str = "all") -> str:
     return "\n".join(lines)
 
 
-def schedules_plot(rows: dict[str, Any], path: Path) -> Path:
-    """PSNR against full compute versus FLOPs reduction: static schedules (line) and verified."""
+def quality_plot(rows: dict[str, Any], path: Path, series_of: Callable[[str], str]) -> Path:
+    """PSNR against full compute versus FLOPs reduction, one line per series (``series_of`` a
+    row's label: "static"/"verified", or "order n"), each point named by the rest of its label;
+    the Pareto front of all in gray."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for kind, color in (("static", "tab:blue"), ("verified", "tab:red")):
-        points = sorted((row["flops_speedup"], row["quality"]["vs_full"]["psnr"], label)
-                        for label, row in rows.items() if label.startswith(kind)
-                        and row["quality"]["vs_full"]["psnr"] is not None)
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-" if kind == "static" else "s",
-                color=color, label=kind)
+    series: dict[str, list[tuple[float, float, str]]] = {}
+    for label, row in rows.items():
+        if row["quality"]["vs_full"]["psnr"] is not None:
+            series.setdefault(series_of(label), []).append(
+                (row["flops_speedup"], row["quality"]["vs_full"]["psnr"], label))
+    for name, points in series.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points],
+                "s" if name == "verified" else "o-", label=name)
         for x, y, label in points:
             ax.annotate(label.split(", ", 1)[1], (x, y), textcoords="offset points",
                         xytext=(4, 3), fontsize=6)
@@ -159,7 +182,7 @@ def schedules_plot(rows: dict[str, Any], path: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=int, default=8, help="held-out toyworld scenes")
-    parser.add_argument("--part", choices=("parts", "schedules", "all"), default="all")
+    parser.add_argument("--part", choices=(*GROUPS, "all"), default="all")
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="folder of the results")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (model default)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")

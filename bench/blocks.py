@@ -93,7 +93,9 @@ def block_calls(shape: AetherShape, config: HeroConfig | None = None, compiled: 
 
 STEP_CALLS = ("transformer call, no HERO", "transformer call, HERO FULL step",
               "transformer call, HERO PARTIAL step")
-STEP_SPLIT = 1  # what split="auto" picks on these random weights (a flat forecast-error profile)
+# One shallow block, so that the PARTIAL step timed runs HERO's partial block, whose cost this page
+# is about (split="auto" takes none on a flat forecast-error profile, as on these random weights).
+STEP_SPLIT = 1
 
 
 def step_calls(transformer: torch.nn.Module, shape: AetherShape, hero: HeroConfig

@@ -48,9 +48,10 @@ def flop_ratios(num_steps: int = 50, latent_frames: int = 11, batch: int = 2,
     for preset, split in ((preset, split) for preset in presets for split in splits):
         config = HeroConfig.preset(preset, split=split)
         modes = schedule(num_steps, config)
-        # run until a PARTIAL step after two FULL steps: every cache (slopes too) is then held
-        second_full = [i for i, mode in enumerate(modes) if mode is StepMode.FULL][1]
-        last = modes.index(StepMode.PARTIAL, second_full)
+        # run until a PARTIAL step after forecast_order + 1 FULL steps: every cache (each order
+        # of the forecast too) is then held
+        fulls = [i for i, mode in enumerate(modes) if mode is StepMode.FULL]
+        last = modes.index(StepMode.PARTIAL, fulls[min(config.forecast_order, len(fulls) - 2)])
         apply_hero(model, config)
         try:
             counted = {}

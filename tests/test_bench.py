@@ -241,21 +241,27 @@ def test_pipeline_overhead_arithmetic():
 
 def test_ablation_orders_hero_parts_by_cost(tmp_path):
     result = ablation.run(scenes=1, out=tmp_path, steps=6, model_name="tiny")
-    parts, schedules = result["parts"], result["schedules"]
+    parts, schedules, orders = result["parts"], result["schedules"], result["orders"]
     assert set(parts) == set(ablation.PARTS) and set(schedules) == set(ablation.schedule_variants())
+    assert set(orders) == set(ablation.order_variants())
     saved = {label: row["flops_speedup"] for label, row in parts.items()}
     assert saved["hero (default)"] > saved["no deep extrapolation"] > 1.0
     assert saved["recompute keys/values"] < saved["shallow refresh"]
     assert saved["residual forecast"] == pytest.approx(saved["hero (default)"], rel=0.05)
     assert schedules["static, interval 2"]["flops_speedup"] \
         < schedules["static, interval 4"]["flops_speedup"]
-    for label, row in {**parts, **schedules}.items():
+    first, third = orders["order 1, interval 3"], orders["order 3, interval 3"]
+    assert first["flops_speedup"] == pytest.approx(third["flops_speedup"], rel=1e-6), \
+        "the order changes what is kept, not what is computed"
+    assert third["cache_bytes"] > first["cache_bytes"]
+    for label, row in {**parts, **schedules, **orders}.items():
         assert math.isfinite(row["quality"]["vs_full"]["psnr"]), label
     assert json.loads((tmp_path / "ablation.json").read_text())["steps"] == 6
     table = (tmp_path / "ablation.md").read_text()
-    assert all(f"| {label} |" in table for label in [*ablation.PARTS, *schedules])
+    assert all(f"| {label} |" in table for label in [*ablation.PARTS, *schedules, *orders])
     assert "`python -m bench.ablation --scenes 1 --part all --steps 6`" in table
-    assert (tmp_path / "ablation_schedules.png").stat().st_size > 0
+    for plot in ("ablation_schedules.png", "ablation_orders.png"):
+        assert (tmp_path / plot).stat().st_size > 0
 
 
 def test_block_costs_set_time_beside_counted_work():
