@@ -7,7 +7,6 @@ exactly what ``--accel`` gives a pipeline user. "Fewer steps" methods are full c
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -162,7 +162,8 @@ def test_verdicts_name_the_preset_that_wins_and_set_apart_what_skips_nothing():
     assert judged["idle"].startswith("NO SPEEDUP: idle skipped no computation")
     count = next(c for c in claims(result) if c["claim"].startswith("methods no HERO"))
     assert count["value"] == 2 and not count["met"]
-    assert count["note"] == "slow-and-better, too-fast; not accelerators here (skipped nothing): idle"
+    assert count["note"] == ("slow-and-better, too-fast; "
+                             "not accelerators here (skipped nothing): idle")
 
 
 def test_smoke_json_has_every_method_and_sane_fields(smoke):

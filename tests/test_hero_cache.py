@@ -453,6 +453,27 @@ def test_feature_forecasts_take_the_gates_of_the_step_they_forecast(deep_forecas
     assert (error < 1e-5) is exact, error
 
 
+def test_each_forecast_order_keeps_one_more_tensor_per_feature_and_changes_the_forecast():
+    model = tiny_cogvideox(num_layers=2)
+    inputs, text = drifting_latents(model, 12), model.text(1)
+    outputs, cache = {}, {}
+    for order in (1, 2, 3):
+        config = HeroConfig(split=0, warmup_steps=1, interval=2, deep_forecast="features",
+                            forecast_order=order)
+        apply_hero(model.transformer, config)
+        try:
+            outputs[order] = run(model, inputs, text)
+            cache[order] = hero_stats(model.transformer)["cache_bytes"]
+        finally:
+            remove_hero(model.transformer)
+    per_order = cache[2] - cache[1]
+    assert per_order > 0 and cache[3] - cache[2] == per_order
+    assert cache[1] >= 2 * per_order, "order 1 holds a value and a slope per feature"
+    late_partial = 9  # FULL steps 0, 2, 4, 6, 8: every order has its points
+    assert not torch.equal(outputs[1][late_partial], outputs[2][late_partial])
+    assert not torch.equal(outputs[2][late_partial], outputs[3][late_partial])
+
+
 def test_verified_schedule_promotes_the_step_after_a_drifting_partial_step():
     model = tiny_cogvideox(num_layers=3)
     inputs, text = drifting_latents(model, 12), model.text(1)

@@ -35,14 +35,14 @@ class HeroConfig:
     keys/values are those of the last FULL step, like those of the video tokens not refreshed
     (their outputs never reach the model's output); ``kv_mode="recompute_kv"``, which needs their
     current hidden states, recomputes them. Deep blocks ``[k, L)`` are skipped on PARTIAL steps
-    and what they add is extrapolated from the last FULL steps by the polynomial of
+    and what they add is extrapolated from the last FULL steps by the polynomial of degree
     ``forecast_order`` through them (1: the line through the last two; 2: the parabola through the
-    last three; :mod:`hero.cache.extrapolate`): with ``deep_forecast="features"`` every deep block's
-    sub-layer outputs before their gates, which then take the gates of the step forecast (more
-    cache: ``forecast_order + 1`` tensors per sub-layer of every deep block), with ``"residual"``
-    the deep stack's whole residual (``forecast_order + 1`` tensors). Forecasts run in
-    ``positions``: the call's ``"timestep"`` (non-uniform schedules are extrapolated along the
-    curve they sample) or the ``"step"`` index.
+    last three; 3: the cubic through the last four; :mod:`hero.cache.extrapolate`): with
+    ``deep_forecast="features"`` every deep block's sub-layer outputs before their gates, which
+    then take the gates of the step forecast (more cache: ``forecast_order + 1`` tensors per
+    sub-layer of every deep block), with ``"residual"`` the deep stack's whole residual
+    (``forecast_order + 1`` tensors). Forecasts run in ``positions``: the call's ``"timestep"``
+    (non-uniform schedules are extrapolated along the curve they sample) or the ``"step"`` index.
     The field defaults are the paper's reconstruction; :data:`PRESETS` are what measurement
     picked.
 
