@@ -26,7 +26,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -112,12 +112,9 @@ def run(scenes: int, out: Path, steps: int | None = None, model_name: str | None
     stem = "ablation" if part == "all" else f"ablation_{part}"
     (out / f"{stem}.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown(result, part))
-    if "schedules" in result:
-        quality_plot(result["schedules"], out / "ablation_schedules.png",
-                     lambda label: label.split(",")[0])
-    if "orders" in result:
-        quality_plot(result["orders"], out / "ablation_orders.png",
-                     lambda label: label.split(",")[0])
+    for group in ("schedules", "orders"):
+        if group in result:
+            quality_plot(result[group], out / f"ablation_{group}.png")
     return result
 
 
@@ -144,10 +141,10 @@ def markdown(result: dict[str, Any], part: str = "all") -> str:
     return "\n".join(lines)
 
 
-def quality_plot(rows: dict[str, Any], path: Path, series_of: Callable[[str], str]) -> Path:
-    """PSNR against full compute versus FLOPs reduction, one line per series (``series_of`` a
-    row's label: "static"/"verified", or "order n"), each point named by the rest of its label;
-    the Pareto front of all in gray."""
+def quality_plot(rows: dict[str, Any], path: Path) -> Path:
+    """PSNR against full compute versus FLOPs reduction, one line per series (a label's part
+    before its first comma: "static"/"verified", or "order n"), each point named by the rest of
+    its label; the Pareto front of all in gray."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +154,7 @@ def quality_plot(rows: dict[str, Any], path: Path, series_of: Callable[[str], st
     series: dict[str, list[tuple[float, float, str]]] = {}
     for label, row in rows.items():
         if row["quality"]["vs_full"]["psnr"] is not None:
-            series.setdefault(series_of(label), []).append(
+            series.setdefault(label.split(",")[0], []).append(
                 (row["flops_speedup"], row["quality"]["vs_full"]["psnr"], label))
     for name, points in series.items():
         points.sort()

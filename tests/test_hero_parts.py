@@ -112,12 +112,17 @@ def test_uneven_grids_keep_a_static_refresh_count():
     assert torch.equal(twin.select(), RefreshTracker(layout, 1, "cpu").select())
 
 
+def forecast_at(forecast: PolynomialForecast, position: float, like: torch.Tensor) -> torch.Tensor:
+    """The (ungated) forecast at ``position``, as a new tensor shaped like ``like``."""
+    return forecast.add_to_(torch.zeros_like(like), torch.tensor(position))
+
+
 def test_linear_extrapolation_with_uneven_positions():
     def line(s: float) -> torch.Tensor:
         return torch.full((2, 3, 4), 1.0 + 0.5 * s)
 
     def predict(position: float) -> torch.Tensor:
-        return forecast.add_to_(torch.zeros(2, 3, 4), torch.tensor(position))
+        return forecast_at(forecast, position, line(0.0))
 
     forecast = PolynomialForecast()
     with pytest.raises(RuntimeError, match="FULL"):
@@ -135,7 +140,7 @@ def test_second_order_forecast_is_exact_on_a_parabola_and_starts_lower():
         return torch.full((1, 2, 3), 2.0 - 0.5 * s + 0.25 * s * s)
 
     def predict(position: float) -> torch.Tensor:
-        return forecast.add_to_(torch.zeros(1, 2, 3), torch.tensor(position))
+        return forecast_at(forecast, position, parabola(0.0))
 
     forecast = PolynomialForecast(order=2)
     forecast.push(torch.tensor(0.0), [parabola(0.0)])

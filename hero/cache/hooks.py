@@ -10,9 +10,10 @@ steps, run the block on the refreshed tokens only and forecast the rest. Deep bl
 FULL steps what their forecast needs (each block's sub-layer outputs before their gates, or the
 stack's input and residual); on PARTIAL steps the first deep block returns its input plus the
 forecast (the features times the gates of this step, or the residual) and the others pass it
-on. One state per cache context (``"cond"`` / ``"uncond"``) lives in a diffusers ``StateManager``; caches keep the batch axis, so batched CFG rows
-stay apart too. With ``split="auto"`` a generation whose shape has no calibration yet runs in full
-while the probe records, and the split it picks holds from the next generation on.
+on. One state per cache context (``"cond"`` / ``"uncond"``) lives in a diffusers
+``StateManager``; caches keep the batch axis, so batched CFG rows stay apart too. With
+``split="auto"`` a generation whose shape has no calibration yet runs in full while the probe
+records, and the split it picks holds from the next generation on.
 """
 
 from __future__ import annotations
