@@ -252,8 +252,9 @@ def test_ablation_orders_hero_parts_by_cost(tmp_path):
     assert schedules["static, interval 2"]["flops_speedup"] \
         < schedules["static, interval 4"]["flops_speedup"]
     first, third = orders["order 1, interval 3"], orders["order 3, interval 3"]
-    assert first["flops_speedup"] == pytest.approx(third["flops_speedup"], rel=1e-6), \
-        "the order changes what is kept, not what is computed"
+    assert first["flops_speedup"] > third["flops_speedup"], "more levels to sum on PARTIAL steps"
+    assert first["flops_speedup"] == pytest.approx(third["flops_speedup"], rel=0.01), \
+        "the order changes what is kept and the forecast's sum, not which blocks compute"
     assert third["cache_bytes"] > first["cache_bytes"]
     for label, row in {**parts, **schedules, **orders}.items():
         assert math.isfinite(row["quality"]["vs_full"]["psnr"]), label

@@ -433,6 +433,26 @@ def test_sub_layer_features_times_their_gates_are_the_block_residual(family):
     torch.testing.assert_close(gated, part.residual.float(), rtol=1e-4, atol=1e-5)
 
 
+def test_every_deep_blocks_gates_at_once_are_each_blocks_own(family):
+    model, inputs, text, _ = family
+    _, block_inputs = block_call(model, inputs[0], text)
+    adapter = adapter_for(model.transformer)
+    blocks = adapter.blocks(model.transformer)
+    apply_hero(model.transformer, HeroConfig(split=1))
+    try:
+        with torch.no_grad():
+            at_once = root_hook(model.transformer).runtime.deep_gates(1, block_inputs.temb)
+            each = [gate for block in blocks[1:]
+                    for gate in adapter.feature_gates(block, block_inputs.temb)]
+    finally:
+        remove_hero(model.transformer)
+    assert len(at_once) == len(each) >= 2 * (len(blocks) - 1)
+    for stacked, own in zip(at_once, each):
+        assert (stacked is None) == (own is None)
+        if own is not None:
+            torch.testing.assert_close(stacked, own)
+
+
 @pytest.mark.parametrize("deep_forecast,exact", [("features", True), ("residual", False)])
 def test_feature_forecasts_take_the_gates_of_the_step_they_forecast(deep_forecast, exact):
     """One block whose feed-forward output does not change while its gate moves with the

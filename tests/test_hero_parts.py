@@ -112,6 +112,12 @@ def test_uneven_grids_keep_a_static_refresh_count():
     assert torch.equal(twin.select(), RefreshTracker(layout, 1, "cpu").select())
 
 
+def record(forecast: PolynomialForecast, position: float, values: list[torch.Tensor]) -> None:
+    """A FULL step at ``position`` that saw ``values``."""
+    forecast.start(torch.tensor(position))
+    forecast.push(values)
+
+
 def forecast_at(forecast: PolynomialForecast, position: float, like: torch.Tensor) -> torch.Tensor:
     """The (ungated) forecast at ``position``, as a new tensor shaped like ``like``."""
     return forecast.add_to_(torch.zeros_like(like), torch.tensor(position))
@@ -127,10 +133,10 @@ def test_linear_extrapolation_with_uneven_positions():
     forecast = PolynomialForecast()
     with pytest.raises(RuntimeError, match="FULL"):
         predict(1.0)
-    forecast.push(torch.tensor(0.0), [line(0.0)])
+    record(forecast, 0.0, [line(0.0)])
     assert torch.equal(predict(3.0), line(0.0)), "one FULL step: hold"
     for position in (1.0, 4.0):
-        forecast.push(torch.tensor(position), [line(position)])
+        record(forecast, position, [line(position)])
     torch.testing.assert_close(predict(7.0), line(7.0))
     torch.testing.assert_close(predict(-2.0), line(-2.0))
 
@@ -143,25 +149,27 @@ def test_second_order_forecast_is_exact_on_a_parabola_and_starts_lower():
         return forecast_at(forecast, position, parabola(0.0))
 
     forecast = PolynomialForecast(order=2)
-    forecast.push(torch.tensor(0.0), [parabola(0.0)])
+    record(forecast, 0.0, [parabola(0.0)])
     assert torch.equal(predict(5.0), parabola(0.0)), "one FULL step: hold"
-    forecast.push(torch.tensor(1.0), [parabola(1.0)])
+    record(forecast, 1.0, [parabola(1.0)])
     line = parabola(1.0) + 4.0 * (parabola(1.0) - parabola(0.0))
     torch.testing.assert_close(predict(5.0), line, msg="two FULL steps: the line")
     for position in (3.0, 7.0):  # uneven gaps; the oldest point drops out
-        forecast.push(torch.tensor(position), [parabola(position)])
+        record(forecast, position, [parabola(position)])
     torch.testing.assert_close(predict(9.0), parabola(9.0))
     assert forecast.nbytes == 3 * parabola(0.0).nbytes, "three tensors kept, no more"
 
 
 def test_gated_forecasts_add_each_term_times_its_gate():
-    forecast = PolynomialForecast()
-    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
-    forecast.push(torch.tensor(0.0), [a, b])
-    forecast.push(torch.tensor(2.0), [a + 2, b - 4])
-    gate = torch.randn(2, 1, 4)
-    out = forecast.add_to_(torch.ones(2, 3, 4), torch.tensor(3.0), [gate, None])
-    torch.testing.assert_close(out, 1 + gate * (a + 3) + (b - 6))
+    forecast = PolynomialForecast(slots=3)
+    a, b, c = (torch.randn(2, 3, 4) for _ in range(3))
+    record(forecast, 0.0, [a, b, c])
+    forecast.start(torch.tensor(2.0))  # slots pushed apart, as the deep blocks do
+    forecast.push([a + 2, b - 4])
+    forecast.push([c + 1], slot=2)
+    per_sample, per_token = torch.randn(2, 1, 4), torch.randn(2, 3, 4)
+    out = forecast.add_to_(torch.ones(2, 3, 4), torch.tensor(3.0), [per_sample, None, per_token])
+    torch.testing.assert_close(out, 1 + per_sample * (a + 3) + (b - 6) + per_token * (c + 1.5))
 
 
 def test_sdpa_attention_matches_torch_layout():

@@ -169,6 +169,12 @@ class BlockAdapter:
         sub-layer outputs (``PartialOutput.features``, in order; None: ungated)."""
         raise NotImplementedError
 
+    def gate_rows(self, block: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+        """``block``'s feature gates as rows (weight, bias) of a linear map of ``silu(temb)``, where
+        the family's gates are that (HERO then computes every deep block's gates in one matmul);
+        None where they are not."""
+        return None
+
 
 def bind_model_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The model's forward arguments by name (positional ones included)."""
@@ -266,16 +272,19 @@ class CogVideoXAdapter(BlockAdapter):
                              [out[:, q_text:], ff[:, q_text:]])
 
     def feature_gates(self, block: nn.Module, temb: torch.Tensor) -> list[torch.Tensor | None]:
-        return [_layer_norm_zero_gate(block.norm1, temb), _layer_norm_zero_gate(block.norm2, temb)]
+        return [F.linear(F.silu(temb), weight, bias)[:, None, :]
+                for weight, bias in self.gate_rows(block)]
+
+    def gate_rows(self, block: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return [_layer_norm_zero_gate_rows(norm) for norm in (block.norm1, block.norm2)]
 
 
-def _layer_norm_zero_gate(norm: nn.Module, temb: torch.Tensor) -> torch.Tensor:
-    """The video gate (B, 1, C) of a ``CogVideoXLayerNormZero``: the third of the six chunks of
-    its modulation, computed alone (a sixth of the linear)."""
+def _layer_norm_zero_gate_rows(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows of a ``CogVideoXLayerNormZero``'s modulation linear (of ``silu(temb)``) that give
+    its video gate: the third of its six chunks (a sixth of the linear)."""
     width = norm.linear.out_features // 6
     rows = slice(2 * width, 3 * width)
-    bias = None if norm.linear.bias is None else norm.linear.bias[rows]
-    return F.linear(norm.silu(temb), norm.linear.weight[rows], bias)[:, None, :]
+    return norm.linear.weight[rows], None if norm.linear.bias is None else norm.linear.bias[rows]
 
 
 def _rope_rows(rope: tuple[torch.Tensor, torch.Tensor], selection: Selection | None
