@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -492,6 +493,32 @@ def test_each_forecast_order_keeps_one_more_tensor_per_feature_and_changes_the_f
     late_partial = 9  # FULL steps 0, 2, 4, 6, 8: every order has its points
     assert not torch.equal(outputs[1][late_partial], outputs[2][late_partial])
     assert not torch.equal(outputs[2][late_partial], outputs[3][late_partial])
+
+
+def test_a_memory_bound_lowers_the_forecast_order_to_what_fits(caplog):
+    model = tiny_cogvideox(num_layers=2)
+    inputs, text = drifting_latents(model, 12), model.text(1)
+    outputs, stats = {}, {}
+    for name, order, bound in (("order 1", 1, None), ("order 3", 3, None),
+                               ("order 3, bounded", 3, "two levels")):
+        config = HeroConfig(split=0, warmup_steps=1, interval=2, deep_forecast="features",
+                            forecast_order=order)
+        if bound:  # room for two levels of the table (order 1), not four
+            config = dataclasses.replace(config, max_cache_gib=2.5 * level_bytes / 2**30)
+        apply_hero(model.transformer, config)
+        try:
+            outputs[name] = run(model, inputs, text)
+            stats[name] = hero_stats(model.transformer)
+        finally:
+            remove_hero(model.transformer)
+        if name == "order 3":
+            level_bytes = (stats["order 3"]["cache_bytes"] - stats["order 1"]["cache_bytes"]) / 2
+    assert [stats[name]["forecast_order"] for name in stats] == [1, 3, 1]
+    assert stats["order 3, bounded"]["cache_bytes"] == stats["order 1"]["cache_bytes"]
+    assert all(torch.equal(a, b) for a, b in zip(outputs["order 1"], outputs["order 3, bounded"]))
+    assert "forecasts at order 1" in caplog.text
+    with pytest.raises(ValueError, match="max_cache_gib"):
+        HeroConfig(max_cache_gib=0)
 
 
 def test_verified_schedule_promotes_the_step_after_a_drifting_partial_step():

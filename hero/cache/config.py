@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 
 ATTENTION_BACKENDS = ("sdpa", "flash")
 KV_MODES = ("recompute_kv", "cached_kv")
@@ -44,7 +46,10 @@ class HeroConfig:
     (``forecast_order + 1`` tensors). Forecasts run in ``positions``: the call's ``"timestep"``
     (non-uniform schedules are extrapolated along the curve they sample) or the ``"step"`` index.
     The field defaults are the paper's reconstruction; :data:`PRESETS` are what measurement
-    picked.
+    picked. ``max_cache_gib`` bounds the deep forecast's memory: when ``forecast_order + 1``
+    levels would not fit, the forecast takes the highest order that does (down to 1; the order
+    used is in ``hero_stats``). None: on a CUDA device, what it has free when the forecast is first
+    stored, less a tenth; elsewhere no bound.
 
     ``split`` is ``k``: an int, ``"auto"`` (the feature-coupling probe's choice from how well each
     block's residual is forecast: read from ``calibration_path``, or from the calibration cache in
@@ -76,6 +81,7 @@ class HeroConfig:
     shallow_forecast: str = "reuse"
     deep_forecast: str = "residual"
     forecast_order: int = 1
+    max_cache_gib: float | None = None
     kv_mode: str = "cached_kv"
     attention_backend: str = "sdpa"
     num_inference_steps: int | None = None
@@ -106,6 +112,8 @@ class HeroConfig:
                'must be an int >= 0, "auto" or None')
         _check(self.forecast_order in (1, 2, 3), "forecast_order", self.forecast_order,
                "must be 1, 2 or 3 (the degree of the polynomial through the last FULL steps)")
+        _check(self.max_cache_gib is None or self.max_cache_gib > 0, "max_cache_gib",
+               self.max_cache_gib, "must be > 0 or None (CUDA's free memory; no bound on CPU)")
         _check(self.verify_threshold is None or self.verify_threshold > 0, "verify_threshold",
                self.verify_threshold, "must be > 0 or None (static schedule)")
         for name, choices in (("positions", POSITIONS), ("shallow_forecast", SHALLOW_FORECASTS),
@@ -123,6 +131,16 @@ class HeroConfig:
     def tokens_per_patch(self) -> int:
         """How many tokens every patch refreshes on a PARTIAL step."""
         return round(self.rho * math.prod(self.patch_size))
+
+    def affordable_order(self, bytes_per_level: int, device: torch.device) -> int:
+        """The highest forecast order up to ``forecast_order`` whose ``order + 1`` levels of
+        ``bytes_per_level`` each fit the memory bound (``max_cache_gib``, else CUDA's free memory),
+        and at least 1."""
+        budget = self.max_cache_gib * 2**30 if self.max_cache_gib is not None \
+            else _free_device_bytes(device)
+        if budget is None:
+            return self.forecast_order
+        return max(1, min(self.forecast_order, int(budget // max(bytes_per_level, 1)) - 1))
 
     def resolve_split(self, num_layers: int) -> int | None:
         """The number of shallow blocks ``k`` for a model with ``num_layers`` blocks; None for
@@ -171,6 +189,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # seven PARTIAL steps per FULL step: 38.6 dB, 5.55x fewer FLOPs (30 steps)
     "turbo": dict(_TUNED, interval=8, forecast_order=2),
 }
+
+
+def _free_device_bytes(device: torch.device) -> int | None:
+    """What a CUDA device can still hand out (free memory plus PyTorch's cached blocks), less a
+    tenth for the activations still to come; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(0.9 * (free + cached))
 
 
 def _check(ok: bool, name: str, value: Any, rule: str) -> None:

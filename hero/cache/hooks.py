@@ -18,6 +18,7 @@ records, and the split it picks holds from the next generation on.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from hero.cache.probe import (MIN_PROBE_STEPS, CouplingRecorder, calibration_rec
 from hero.cache.refresh import RefreshTracker, build_layout
 from hero.cache.schedule import Schedule, StepMode
 from hero.cache.stats import GenerationStats, summarize
+
+logger = logging.getLogger(__name__)
 
 ROOT_HOOK = "hero_root"
 BLOCK_HOOK = "hero_block"
@@ -119,6 +122,7 @@ class HeroRuntime:
         self.splits: dict[str, int] = {}
         self.fingerprint: str | None = None
         self.stacked_gates: tuple[int, Any] | None = None
+        self.order_lowered = False
         path = self.config.calibration_path
         if self.split is None and path is not None and Path(path).exists():
             self.splits[path] = int(load_calibration(path, self.num_layers)["split"])
@@ -514,7 +518,7 @@ class HeroBlockHook(ModelHook):
         hidden, encoder, features = self.runtime.kernel("_featured_full_block", state)(
             self.runtime.adapter, module, inputs, self.runtime.config.attention_backend)
         deep_blocks = self.runtime.num_layers - state.split
-        forecast = self._deep_forecast(state, slots=deep_blocks * len(features))
+        forecast = self._deep_forecast(state, deep_blocks * len(features), features[0])
         if self.index == state.split:
             forecast.start(state.position)
         forecast.push(features, slot=(self.index - state.split) * len(features))
@@ -529,17 +533,28 @@ class HeroBlockHook(ModelHook):
         output = self.runtime.run_full(self, state, args, kwargs)
         if self.index == self.runtime.num_layers - 1:
             residual = adapter.split_output(output)[0] - state.deep_input
-            forecast = self._deep_forecast(state, slots=1)
+            forecast = self._deep_forecast(state, 1, residual)
             forecast.start(state.position)
             forecast.push([residual])
             state.deep_input = None
         return output
 
-    def _deep_forecast(self, state: HeroState, slots: int) -> PolynomialForecast:
-        """The deep stack's forecast: ``slots`` tensors, every deep block's features in block
-        order or the one residual."""
+    def _deep_forecast(self, state: HeroState, slots: int, like: torch.Tensor
+                       ) -> PolynomialForecast:
+        """The deep stack's forecast of ``slots`` tensors shaped ``like`` (every deep block's
+        features in block order, or the one residual), created on the first FULL step at the
+        highest order the memory bound allows."""
         if state.deep_forecast is None:
-            state.deep_forecast = PolynomialForecast(self.runtime.config.forecast_order, slots)
+            config = self.runtime.config
+            order = config.affordable_order(slots * like.nbytes, like.device)
+            if order < config.forecast_order and not self.runtime.order_lowered:
+                self.runtime.order_lowered = True  # said once, not once per generation
+                logger.warning("HERO: the deep forecast at order %d needs %.1f GiB, more than the "
+                               "memory bound (max_cache_gib); this generation forecasts at order "
+                               "%d", config.forecast_order,
+                               (config.forecast_order + 1) * slots * like.nbytes / 2**30, order)
+            state.deep_forecast = PolynomialForecast(order, slots)
+            state.stats.forecast_order = order
         return state.deep_forecast
 
     def _forecast_deep(self, state: HeroState, inputs: BlockInputs) -> torch.Tensor:

@@ -42,6 +42,7 @@ class GenerationStats:
     block_tokens_computed: int = 0
     flops_executed: int | None = 0
     flops_full: int | None = 0
+    forecast_order: int | None = None  # the deep forecast's order (None: nothing forecast yet)
 
     def record(self, full: bool, tokens_total: int, tokens_computed: int,
                flops: int | None, flops_full: int | None) -> None:
@@ -70,6 +71,8 @@ def summarize(per_context: dict[str, tuple[GenerationStats, int]]) -> dict[str, 
         total.block_tokens_computed += stats.block_tokens_computed
         total.flops_executed = _add(total.flops_executed, stats.flops_executed)
         total.flops_full = _add(total.flops_full, stats.flops_full)
+        orders = [order for order in (total.forecast_order, stats.forecast_order) if order]
+        total.forecast_order = min(orders, default=None)
     summary = _describe(total, sum(nbytes for _, nbytes in per_context.values()))
     summary["contexts"] = contexts
     return summary
@@ -91,6 +94,7 @@ def _describe(stats: GenerationStats, nbytes: int) -> dict[str, Any]:
         "flops_full": stats.flops_full,
         "flops_ratio": ratio,
         "cache_bytes": int(nbytes),
+        "forecast_order": stats.forecast_order,
     }
 
 
