@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -498,24 +497,24 @@ def test_each_forecast_order_keeps_one_more_tensor_per_feature_and_changes_the_f
 def test_a_memory_bound_lowers_the_forecast_order_to_what_fits(caplog):
     model = tiny_cogvideox(num_layers=2)
     inputs, text = drifting_latents(model, 12), model.text(1)
-    outputs, stats = {}, {}
-    for name, order, bound in (("order 1", 1, None), ("order 3", 3, None),
-                               ("order 3, bounded", 3, "two levels")):
-        config = HeroConfig(split=0, warmup_steps=1, interval=2, deep_forecast="features",
-                            forecast_order=order)
-        if bound:  # room for two levels of the table (order 1), not four
-            config = dataclasses.replace(config, max_cache_gib=2.5 * level_bytes / 2**30)
-        apply_hero(model.transformer, config)
+
+    def generate(order: int, max_cache_gib: float | None = None) -> tuple[list, dict[str, Any]]:
+        apply_hero(model.transformer, HeroConfig(
+            split=0, warmup_steps=1, interval=2, deep_forecast="features", forecast_order=order,
+            max_cache_gib=max_cache_gib))
         try:
-            outputs[name] = run(model, inputs, text)
-            stats[name] = hero_stats(model.transformer)
+            return run(model, inputs, text), hero_stats(model.transformer)
         finally:
             remove_hero(model.transformer)
-        if name == "order 3":
-            level_bytes = (stats["order 3"]["cache_bytes"] - stats["order 1"]["cache_bytes"]) / 2
-    assert [stats[name]["forecast_order"] for name in stats] == [1, 3, 1]
-    assert stats["order 3, bounded"]["cache_bytes"] == stats["order 1"]["cache_bytes"]
-    assert all(torch.equal(a, b) for a, b in zip(outputs["order 1"], outputs["order 3, bounded"]))
+
+    first, first_stats = generate(1)
+    _, third_stats = generate(3)
+    level_bytes = (third_stats["cache_bytes"] - first_stats["cache_bytes"]) / 2
+    bounded, bounded_stats = generate(3, max_cache_gib=2.5 * level_bytes / 2**30)  # 2 of 4 levels
+    assert (first_stats["forecast_order"], third_stats["forecast_order"]) == (1, 3)
+    assert bounded_stats["forecast_order"] == 1
+    assert bounded_stats["cache_bytes"] == first_stats["cache_bytes"]
+    assert all(torch.equal(a, b) for a, b in zip(first, bounded))
     assert "forecasts at order 1" in caplog.text
     with pytest.raises(ValueError, match="max_cache_gib"):
         HeroConfig(max_cache_gib=0)
