@@ -34,6 +34,16 @@ def run(model: TinyVideoModel, inputs: list[torch.Tensor], text: torch.Tensor,
     return [model(x, text, step, len(inputs), context) for step, x in enumerate(inputs)]
 
 
+def hero_run(model: TinyVideoModel, inputs: list[torch.Tensor], text: torch.Tensor,
+             config: HeroConfig) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """A run with HERO applied: its outputs and HERO's stats."""
+    apply_hero(model.transformer, config)
+    try:
+        return run(model, inputs, text), hero_stats(model.transformer)
+    finally:
+        remove_hero(model.transformer)
+
+
 def counted_run(model: TinyVideoModel, inputs: list[torch.Tensor], text: torch.Tensor,
                 config: HeroConfig) -> tuple[int, dict[str, Any]]:
     """A run with HERO applied: the FLOPs torch's counter saw around it, and HERO's own stats."""
@@ -478,14 +488,9 @@ def test_each_forecast_order_keeps_one_more_tensor_per_feature_and_changes_the_f
     inputs, text = drifting_latents(model, 12), model.text(1)
     outputs, cache = {}, {}
     for order in (1, 2, 3):
-        config = HeroConfig(split=0, warmup_steps=1, interval=2, deep_forecast="features",
-                            forecast_order=order)
-        apply_hero(model.transformer, config)
-        try:
-            outputs[order] = run(model, inputs, text)
-            cache[order] = hero_stats(model.transformer)["cache_bytes"]
-        finally:
-            remove_hero(model.transformer)
+        outputs[order], stats = hero_run(model, inputs, text, HeroConfig(
+            split=0, warmup_steps=1, interval=2, deep_forecast="features", forecast_order=order))
+        cache[order] = stats["cache_bytes"]
     per_order = cache[2] - cache[1]
     assert per_order > 0 and cache[3] - cache[2] == per_order
     assert cache[1] >= 2 * per_order, "order 1 holds a value and a slope per feature"
@@ -499,13 +504,9 @@ def test_a_memory_bound_lowers_the_forecast_order_to_what_fits(caplog):
     inputs, text = drifting_latents(model, 12), model.text(1)
 
     def generate(order: int, max_cache_gib: float | None = None) -> tuple[list, dict[str, Any]]:
-        apply_hero(model.transformer, HeroConfig(
+        return hero_run(model, inputs, text, HeroConfig(
             split=0, warmup_steps=1, interval=2, deep_forecast="features", forecast_order=order,
             max_cache_gib=max_cache_gib))
-        try:
-            return run(model, inputs, text), hero_stats(model.transformer)
-        finally:
-            remove_hero(model.transformer)
 
     first, first_stats = generate(1)
     _, third_stats = generate(3)

@@ -79,11 +79,11 @@ class PolynomialForecast:
         """Each row's weight in a slot at ``position``: the Newton basis ``prod_{m<j} (s - a_m)``
         of the level it holds, zero for levels not seen yet."""
         position = position.float()
-        basis, weight = [torch.zeros((), device=position.device)] * self.levels, None
-        for j, row in enumerate(self.rows[:len(self.positions)]):
-            weight = torch.ones_like(basis[0]) if weight is None else \
-                weight * (position - self.positions[j - 1])
+        basis = [torch.zeros((), device=position.device)] * self.levels
+        weight = torch.ones((), device=position.device)
+        for row, seen_at in zip(self.rows, self.positions):
             basis[row] = weight
+            weight = weight * (position - seen_at)
         return torch.stack(basis).to(dtype)
 
     def add_to_(self, out: torch.Tensor, position: torch.Tensor,
