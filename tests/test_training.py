@@ -192,3 +192,36 @@ def test_every_stage_runs_end_to_end_and_exports_loadable_weights(tmp_path):
     from hero.models.base import RolloutRequest
     rollout = model.generate([RolloutRequest(id="a", image=clip_rgb, steps=2)])[0]
     assert rollout.rgb.shape == (17, 48, 64, 3) and np.isfinite(rollout.depth).all()
+    _continued_transformer_starts_from_its_export(config, tmp_path)
+
+
+def _continued_transformer_starts_from_its_export(finished: TrainConfig, tmp_path):
+    """``--dit-init`` continues an exported transformer in a new work folder: at zero learning
+    rate the new export holds the old one's weights (so the EMA is debiased against the export,
+    not the seed), its steps add up and the recipe names the revision it started from; latents
+    with other statistics are refused, naming the field."""
+    import dataclasses
+    import json
+    import shutil
+
+    def continued(name):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        for carried in ("vae.safetensors", "latents.safetensors"):
+            shutil.copy2(finished.workdir / carried, workdir / carried)
+        return dataclasses.replace(finished, workdir=workdir, export_to=tmp_path / f"{name}-weights",
+                                   dit_init=finished.export_to, dit_lr=0.0, stages=("dit", "export"))
+
+    train(again := continued("continued"))
+    weights = lambda export: load_file(str(export / "transformer" / "diffusion_pytorch_model.safetensors"))
+    started, ended = weights(finished.export_to), weights(again.export_to)
+    assert started.keys() == ended.keys() and all(torch.equal(started[k], ended[k]) for k in started)
+    before = json.loads((finished.export_to / "model.json").read_text())
+    after = json.loads((again.export_to / "model.json").read_text())
+    assert after["transformer_steps"] == before["transformer_steps"] + again.dit_steps
+    assert after["recipe"]["dit_init"] == before["revision"] and before["recipe"]["dit_init"] is None
+
+    before["latent_std"][0] *= 2
+    (finished.export_to / "model.json").write_text(json.dumps(before))
+    with pytest.raises(ValueError, match="latent_std"):
+        train(continued("mismatched"))

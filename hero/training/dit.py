@@ -142,7 +142,9 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
 def train_transformer(cfg: "TrainConfig", model: CogVideoXWorldModel, latents_file: Path) -> None:
     """Train ``model.transformer`` to ``cfg.dit_steps``; leaves the debiased EMA in its place."""
     ckpt = cfg.workdir / "dit.safetensors"
-    transformer = model.transformer.train()
+    if cfg.dit_init is not None:
+        check_init_latents(cfg.dit_init, model)
+    transformer = model.transformer = initial_transformer(cfg).train()
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.dit_lr, betas=(0.9, 0.99),
                                   weight_decay=0.01)
@@ -190,13 +192,56 @@ def train_transformer(cfg: "TrainConfig", model: CogVideoXWorldModel, latents_fi
     model.transformer = debiased_ema(ema, cfg, cfg.dit_steps)
 
 
-def debiased_ema(ema: torch.nn.Module, cfg: "TrainConfig", steps: int) -> torch.nn.Module:
-    """Remove the random initialisation's weight decay**steps from a constant-decay EMA.
+def initial_transformer(cfg: "TrainConfig") -> torch.nn.Module:
+    """What training starts from and the EMA's first value: the seeded random initialisation or,
+    with ``cfg.dit_init``, an exported toyworld's transformer (a finished run continued)."""
+    transformer = build_components(seed=cfg.seed)[1]
+    if cfg.dit_init is not None:
+        weights = load_file(str(cfg.dit_init / "transformer" / "diffusion_pytorch_model.safetensors"))
+        transformer.load_state_dict(weights)  # fp16 export, copied into the float32 parameters
+    return transformer
 
-    The EMA starts as a copy of the (seeded, so reproducible) initial weights; like Adam's bias
-    correction, (ema - d^n init) / (1 - d^n) is the average of the trained weights alone.
+
+def init_revision(export: Path | None) -> str | None:
+    """The revision of the export a continued run started from (None: from the seed)."""
+    return None if export is None else _export_info(export)["revision"]
+
+
+def init_steps(export: Path | None) -> int:
+    """The transformer steps already in the export a continued run started from."""
+    return 0 if export is None else int(_export_info(export)["transformer_steps"])
+
+
+def check_init_latents(export: Path, model: CogVideoXWorldModel, rtol: float = 1e-3) -> None:
+    """Refuse to continue a transformer on latents other than those it learnt: the export's VAE
+    scaling factor and standardisation must match this run's encoded latents."""
+    info = _export_info(export)
+    vae_config = json.loads((Path(export) / "vae" / "config.json").read_text())
+    pairs = {"scaling_factor": (vae_config["scaling_factor"], model.vae.config.scaling_factor),
+             **{name: (info.get(name), getattr(model.spec, name)) for name in ("latent_mean", "latent_std")}}
+    for name, (theirs, ours) in pairs.items():
+        if (theirs is None) != (ours is None) or (ours is not None and not np.allclose(
+                theirs, ours, rtol=rtol, atol=rtol)):
+            raise ValueError(f"--dit-init {export}: its {name} differs from this run's latents "
+                             "(encoded by another VAE or with other statistics); a transformer "
+                             "continues only on the latents it was trained on")
+
+
+def _export_info(export: Path) -> dict:
+    path = Path(export) / "model.json"
+    if not path.exists():
+        raise FileNotFoundError(f"--dit-init: no exported toyworld (model.json) under {export}")
+    return json.loads(path.read_text())
+
+
+def debiased_ema(ema: torch.nn.Module, cfg: "TrainConfig", steps: int) -> torch.nn.Module:
+    """Remove the initial weights' decay**steps from a constant-decay EMA.
+
+    The EMA starts as a copy of the initial weights (seeded, or a continued run's export, so
+    reproducible); like Adam's bias correction, (ema - d^n init) / (1 - d^n) is the average of the
+    trained weights alone.
     """
-    init = build_components(seed=cfg.seed)[1]
+    init = initial_transformer(cfg)
     left = cfg.ema_decay ** steps
     debiased = copy.deepcopy(ema)
     with torch.no_grad():

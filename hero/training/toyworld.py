@@ -49,6 +49,7 @@ class TrainConfig:
     vae_lr: float = 1e-3
     vae_warmup: int = 100
     vae_kl_weight: float = 1e-6
+    dit_init: Path | None = None  # an export whose transformer this run continues (fresh Adam, new schedule)
     dit_steps: int = 6000
     dit_batch: int = 16
     dit_lr: float = 5e-4
@@ -101,9 +102,12 @@ def train(cfg: TrainConfig) -> None:
 
 
 def recipe_of(cfg: TrainConfig) -> dict:
-    """The recipe as plain JSON (paths on the training machine are not part of it)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
-            if k not in ("workdir", "export_to", "resume_from", "stages", "threads", "render_workers", "compile")}
+    """The recipe as plain JSON (paths on the training machine are not part of it; a continued
+    transformer is named by the revision it started from)."""
+    recipe = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
+              if k not in ("workdir", "export_to", "resume_from", "stages", "threads", "render_workers", "compile")}
+    recipe["dit_init"] = dit.init_revision(cfg.dit_init)
+    return recipe
 
 
 def export(cfg: TrainConfig, model: CogVideoXWorldModel) -> None:
@@ -118,7 +122,7 @@ def export(cfg: TrainConfig, model: CogVideoXWorldModel) -> None:
     save_file({"prompt_embeds": model.prompt_embeds.contiguous()}, str(out / "prompt_embeds.safetensors"))
     digest = hashlib.sha256((out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes())
     info = {"revision": digest.hexdigest()[:12],
-            "transformer_steps": checkpoint_step(cfg.workdir / "dit.safetensors"),
+            "transformer_steps": checkpoint_step(cfg.workdir / "dit.safetensors") + dit.init_steps(cfg.dit_init),
             "vae_steps": checkpoint_step(cfg.workdir / "vae.safetensors"),
             "validation": monitor.last_validation(cfg.workdir), "recipe": recipe_of(cfg),
             "latent_mean": model.spec.latent_mean, "latent_std": model.spec.latent_std}
