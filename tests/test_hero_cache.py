@@ -521,6 +521,14 @@ def test_a_memory_bound_lowers_the_forecast_order_to_what_fits(caplog):
         HeroConfig(max_cache_gib=0)
 
 
+def test_without_a_set_bound_the_forecast_order_fits_the_devices_free_memory():
+    config, level = HeroConfig(forecast_order=3), 2**20
+    assert config.affordable_order(level, free_bytes=None) == 3  # off CUDA: no bound
+    assert config.affordable_order(level, free_bytes=3 * level) == 2
+    assert config.affordable_order(level, free_bytes=level // 2) == 1  # never below a line
+    assert HeroConfig(forecast_order=3, max_cache_gib=1.0).affordable_order(level, free_bytes=level) == 3
+
+
 def test_verified_schedule_promotes_the_step_after_a_drifting_partial_step():
     model = tiny_cogvideox(num_layers=3)
     inputs, text = drifting_latents(model, 12), model.text(1)

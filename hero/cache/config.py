@@ -8,9 +8,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-
 ATTENTION_BACKENDS = ("sdpa", "flash")
 KV_MODES = ("recompute_kv", "cached_kv")
 POSITIONS = ("timestep", "step")
@@ -132,12 +129,11 @@ class HeroConfig:
         """How many tokens every patch refreshes on a PARTIAL step."""
         return round(self.rho * math.prod(self.patch_size))
 
-    def affordable_order(self, bytes_per_level: int, device: torch.device) -> int:
+    def affordable_order(self, bytes_per_level: int, free_bytes: int | None) -> int:
         """The highest forecast order up to ``forecast_order`` whose ``order + 1`` levels of
-        ``bytes_per_level`` each fit the memory bound (``max_cache_gib``, else CUDA's free memory),
-        and at least 1."""
-        budget = self.max_cache_gib * 2**30 if self.max_cache_gib is not None \
-            else _free_device_bytes(device)
+        ``bytes_per_level`` each fit the memory bound (``max_cache_gib``, else ``free_bytes``, the
+        device's free memory; None: unbounded), and at least 1."""
+        budget = self.max_cache_gib * 2**30 if self.max_cache_gib is not None else free_bytes
         if budget is None:
             return self.forecast_order
         return max(1, min(self.forecast_order, int(budget // max(bytes_per_level, 1)) - 1))
@@ -189,16 +185,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     # seven PARTIAL steps per FULL step: 38.6 dB, 5.55x fewer FLOPs (30 steps)
     "turbo": dict(_TUNED, interval=8, forecast_order=2),
 }
-
-
-def _free_device_bytes(device: torch.device) -> int | None:
-    """What a CUDA device can still hand out (free memory plus PyTorch's cached blocks), less a
-    tenth for the activations still to come; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(0.9 * (free + cached))
 
 
 def _check(ok: bool, name: str, value: Any, rule: str) -> None:

@@ -546,7 +546,7 @@ class HeroBlockHook(ModelHook):
         highest order the memory bound allows."""
         if state.deep_forecast is None:
             config = self.runtime.config
-            order = config.affordable_order(slots * like.nbytes, like.device)
+            order = config.affordable_order(slots * like.nbytes, free_device_bytes(like.device))
             if order < config.forecast_order and not self.runtime.order_lowered:
                 self.runtime.order_lowered = True  # said once, not once per generation
                 logger.warning("HERO: the deep forecast at order %d needs %.1f GiB, more than the "
@@ -564,6 +564,16 @@ class HeroBlockHook(ModelHook):
         gates = None if runtime.config.deep_forecast == "residual" else \
             runtime.deep_gates(state.split, inputs.temb)
         return state.deep_forecast.add_to_(inputs.hidden.clone(), state.position, gates)
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """What a CUDA device can still hand out (free memory plus PyTorch's cached blocks), less a
+    tenth for the activations still to come; None off CUDA (no bound)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(0.9 * (free + cached))
 
 
 def _nonzero(x: torch.Tensor) -> torch.Tensor:
