@@ -29,6 +29,18 @@ class TinyVideoModel:
     width: int
     text_tokens: int
     text_dim: int
+    clean_frames: int | None = None  # Wan 2.2's per-token timesteps: these first latent frames at 0
+
+    def timestep(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The transformer's timestep argument: one per sample, or (``clean_frames`` set, Wan
+        only) one per token, 0 on the clean leading frames as Wan 2.2's ``expand_timesteps``."""
+        if self.clean_frames is None:
+            return timestep.expand(latents.shape[0])
+        _, p_h, p_w = self.transformer.config.patch_size
+        frames, height, width = latents.shape[2], latents.shape[3] // p_h, latents.shape[4] // p_w
+        per_frame = torch.full((frames,), float(timestep))
+        per_frame[:self.clean_frames] = 0.0
+        return per_frame.repeat_interleave(height * width).expand(latents.shape[0], -1)
 
     def latents(self, batch: int, seed: int = 0, frames: int | None = None,
                 height: int | None = None, width: int | None = None) -> torch.Tensor:
@@ -48,7 +60,7 @@ class TinyVideoModel:
         """One denoiser call at ``step`` of ``num_steps``, under ``cache_context(context, ...)``."""
         timestep = torch.tensor(float(999 * (1 - step / num_steps)))
         kwargs = dict(hidden_states=latents, encoder_hidden_states=text,
-                      timestep=timestep.expand(latents.shape[0]), return_dict=False)
+                      timestep=self.timestep(latents, timestep), return_dict=False)
         if self.family == "cogvideox":
             kwargs["image_rotary_emb"] = self.rotary(latents)
         with self.transformer.cache_context(context, step_index=step, num_inference_steps=num_steps,
@@ -80,14 +92,16 @@ def tiny_cogvideox(num_layers: int = 4, heads: int = 2, head_dim: int = 16, fram
 
 def tiny_wan(num_layers: int = 4, heads: int = 2, head_dim: int = 12, frames: int = 2,
              height: int = 8, width: int = 8, text_tokens: int = 5, channels: int = 4,
-             seed: int = 0) -> TinyVideoModel:
-    """A random ``WanTransformer3DModel`` (text by cross-attention)."""
+             seed: int = 0, clean_frames: int | None = None) -> TinyVideoModel:
+    """A random ``WanTransformer3DModel`` (text by cross-attention); ``clean_frames`` gives it
+    Wan 2.2's per-token timesteps."""
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
         in_channels=channels, out_channels=channels, text_dim=16, freq_dim=16,
         ffn_dim=4 * heads * head_dim, num_layers=num_layers, rope_max_seq_len=32).eval()
-    return TinyVideoModel(transformer, "wan", frames, channels, height, width, text_tokens, 16)
+    return TinyVideoModel(transformer, "wan", frames, channels, height, width, text_tokens, 16,
+                          clean_frames)
 
 
 @torch.no_grad()

@@ -617,3 +617,37 @@ def test_auto_split_calibrates_on_the_first_generation_and_is_cached(tmp_path):
     finally:
         remove_hero(model.transformer)
     assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_wan22_per_token_timesteps_gate_each_token_by_its_own_timestep():
+    """Wan 2.2 (``expand_timesteps``) modulates every token by its own timestep, the clean first
+    frame's at 0, so HERO's deep forecast takes per-token gates. With every token at the sample's
+    timestep it gives the per-sample path's outputs; with a clean first frame it stays as close to
+    full compute as the per-sample path does, and the clean frame's tokens, whose gates stay put,
+    are forecast at least as well as the noisy frames' (one gate for every token misses them)."""
+    config = HeroConfig(split=1, warmup_steps=1, interval=2, forecast_order=2, deep_forecast="features")
+
+    def hero_and_full(clean_frames: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        model = tiny_wan(frames=3, clean_frames=clean_frames)
+        inputs, text = drifting_latents(model, 8), model.text(1)
+        hero, stats = hero_run(model, inputs, text, config)
+        assert stats["partial_steps"] == 3
+        return hero, run(model, inputs, text)
+
+    def error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+        return max(float((a - b).norm() / b.norm()) for a, b in zip(outputs, reference))
+
+    def frame_errors(output: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+        """Relative error on the first latent frame and on the others ((B, C, F, H, W) layout)."""
+        miss = output - reference
+        return (float(miss[:, :, :1].norm() / reference[:, :, :1].norm()),
+                float(miss[:, :, 1:].norm() / reference[:, :, 1:].norm()))
+
+    per_sample, full = hero_and_full(None)
+    uniform, _ = hero_and_full(0)
+    clean_first, clean_full = hero_and_full(1)
+    for a, b in zip(uniform, per_sample):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert 0 < error(clean_first, clean_full) < 1.5 * error(per_sample, full)
+    partial = [frame_errors(a, b) for a, b in zip(clean_first, clean_full) if not torch.equal(a, b)]
+    assert len(partial) == 3 and all(clean <= noisy for clean, noisy in partial)

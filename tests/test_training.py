@@ -14,6 +14,7 @@ from hero.training.data import VALIDATION_SEED_BASE, disparity_unit, from_unit, 
 from hero.training.dit import channel_weights, latent_statistics, weighted_mse
 from hero.training.toyworld import TrainConfig, parse_args, train
 from hero.training.optim import lr_at
+from hero.training.precision import training_autocast
 from hero.world import HELDOUT_SEED_BASE
 
 
@@ -166,6 +167,19 @@ def test_flags_follow_the_recipe_fields_and_unknown_stages_are_refused():
     assert parse_args([]).compile is True and parse_args([]).resume_from is None
     with pytest.raises(SystemExit):
         parse_args(["--stages", "paint"])
+    with pytest.raises(SystemExit):
+        parse_args(["--precision", "float8"])
+
+
+def test_training_precision_is_bfloat16_autocast_or_float32_and_auto_picks_one():
+    x = torch.randn(4, 4)
+    for precision, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        with training_autocast(precision)():
+            assert (x @ x).dtype == dtype
+    with training_autocast("auto")():
+        assert (x @ x).dtype in (torch.bfloat16, torch.float32)
+    with pytest.raises(ValueError, match="precision"):
+        training_autocast("half")
 
 
 @pytest.mark.timeout(900)

@@ -7,9 +7,9 @@ channel has unit variance, so equal weights give each channel an equal say; 4x g
 75% of the loss and starved the image channels). Tasks are mixed per row
 (prediction, planning, reconstruction) as the sampler builds them, the condition is dropped
 ``cfg_dropout`` of the time for classifier-free guidance, and an EMA copy is kept for export. The
-forward runs under bfloat16 autocast (1.6x faster than float32 on this machine's AVX-512 BF16
-cores) and, with ``compile``, through ``torch.compile`` (a further 1.15-1.3x); weights, optimiser
-and EMA stay in float32.
+forward runs under bfloat16 autocast where the CPU computes it natively (1.6x faster than float32
+on AVX-512 BF16 cores; :mod:`hero.training.precision`) and, with ``compile``, through
+``torch.compile`` (a further 1.15-1.3x there); weights, optimiser and EMA stay in float32.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from hero.training import monitor
 from hero.training.checkpoints import CsvLog, load_checkpoint, save_checkpoint
 from hero.training.data import disparity_unit, load_clips, to_unit
 from hero.training.optim import lr_at
+from hero.training.precision import training_autocast
 
 if TYPE_CHECKING:
     from hero.training.toyworld import TrainConfig
@@ -161,6 +162,7 @@ def train_transformer(cfg: "TrainConfig", model: CogVideoXWorldModel, latents_fi
     text = model.prompt_embeds.expand(cfg.dit_batch, -1, -1)
     weights = channel_weights(cfg.camera_weight, model.transformer.config.out_channels)
     forward = torch.compile(transformer, dynamic=False) if cfg.compile else transformer
+    autocast = training_autocast(cfg.precision)
     bar = tqdm(range(step, cfg.dit_steps), desc="transformer", initial=step, total=cfg.dit_steps)
     for step in bar:
         lr = lr_at(step, cfg.dit_lr, cfg.dit_warmup, cfg.dit_steps, cfg.final_lr_fraction)
@@ -170,7 +172,7 @@ def train_transformer(cfg: "TrainConfig", model: CogVideoXWorldModel, latents_fi
         eps = torch.randn(x0.shape, generator=noise)
         t = torch.from_numpy(rng.integers(0, scheduler.config.num_train_timesteps, cfg.dit_batch))
         noisy = scheduler.add_noise(x0, eps, t)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             pred = forward(hidden_states=torch.cat([noisy, condition], dim=2), encoder_hidden_states=text,
                            timestep=t, image_rotary_emb=rotary, return_dict=False)[0]
         loss = weighted_mse(pred.float(), scheduler.get_velocity(x0, eps, t), weights)

@@ -6,8 +6,9 @@ scenes per second as on 9-frame windows: at 500 steps on windows alone the held-
 20 dB and off-colour); the rest train on 9-frame windows, which teach the temporal compression.
 Loss: L1 + MSE on the reconstruction plus a tiny KL (the latents only need to stay smooth enough
 for diffusion). Each batch is half RGB, half disparity, randomly mirrored; the forward runs
-under bfloat16 autocast (4x the matrix throughput of float32 on this CPU), the weights and the
-optimiser stay in float32. The learning rate warms up, then falls on a cosine.
+under bfloat16 autocast where the CPU computes it natively (4x the matrix throughput of float32
+on AVX-512 BF16 cores; :mod:`hero.training.precision`), the weights and the optimiser stay in
+float32. The learning rate warms up, then falls on a cosine.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hero.training import monitor
 from hero.training.checkpoints import CsvLog, load_checkpoint, save_checkpoint
 from hero.training.data import disparity_unit, load_clips, to_unit
 from hero.training.optim import lr_at
+from hero.training.precision import training_autocast
 
 if TYPE_CHECKING:
     from hero.training.toyworld import TrainConfig
@@ -63,6 +65,7 @@ def train_vae(cfg: "TrainConfig", model: CogVideoXWorldModel) -> None:
     validator = monitor.VaeMonitor(cfg, model, step)
     dmax = float(model.spec.metric_dmax)
     vae.train()
+    autocast = training_autocast(cfg.precision)
     bar = tqdm(range(step, cfg.vae_steps), desc="vae", initial=step, total=cfg.vae_steps)
     for step in bar:
         lr = lr_at(step, cfg.vae_lr, cfg.vae_warmup, cfg.vae_steps, cfg.final_lr_fraction)
@@ -71,7 +74,7 @@ def train_vae(cfg: "TrainConfig", model: CogVideoXWorldModel) -> None:
         images = step < cfg.vae_image_steps
         x = vae_batch(clips, rng, cfg.vae_image_batch if images else cfg.vae_batch,
                       1 if images else cfg.vae_window, available, dmax)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample(generator=noise)).sample.float()
         kl = posterior.kl().float().mean() / x[0].numel()
