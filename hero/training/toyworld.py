@@ -30,6 +30,9 @@ from hero.training.precision import PRECISIONS
 
 log = logging.getLogger("toyworld.train")
 STAGES = ("render", "vae", "encode", "dit", "export")
+# where and how a run computes, not what it learns: left out of the recipe
+NOT_RECIPE = ("workdir", "export_to", "resume_from", "stages", "threads", "render_workers", "compile",
+              "precision")
 
 
 @dataclass
@@ -62,7 +65,7 @@ class TrainConfig:
     task_mix: tuple[float, float, float] = (0.7, 0.15, 0.15)  # prediction, planning, reconstruction
     standardise_latents: bool = True  # every latent channel at zero mean, unit std (ModelSpec.latent_mean)
     compile: bool = True  # the transformer's training forward through torch.compile (1.15-1.3x per step)
-    precision: str = "auto"  # the training forward's: bfloat16 autocast where the CPU has it natively, else float32
+    precision: str = "auto"  # the forward's: bfloat16 autocast where the CPU is faster at it, else float32
     checkpoint_every: int = 100
     monitor_every: int = 500
     validation_clips: int = 8
@@ -107,7 +110,7 @@ def recipe_of(cfg: TrainConfig) -> dict:
     """The recipe as plain JSON (paths on the training machine are not part of it; a continued
     transformer is named by the revision it started from)."""
     recipe = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
-              if k not in ("workdir", "export_to", "resume_from", "stages", "threads", "render_workers", "compile", "precision")}
+              if k not in NOT_RECIPE}
     recipe["dit_init"] = dit.init_revision(cfg.dit_init)
     return recipe
 
@@ -123,8 +126,8 @@ def export(cfg: TrainConfig, model: CogVideoXWorldModel) -> None:
     model.scheduler.save_pretrained(out / "scheduler")
     save_file({"prompt_embeds": model.prompt_embeds.contiguous()}, str(out / "prompt_embeds.safetensors"))
     digest = hashlib.sha256((out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes())
-    info = {"revision": digest.hexdigest()[:12],
-            "transformer_steps": checkpoint_step(cfg.workdir / "dit.safetensors") + dit.init_steps(cfg.dit_init),
+    steps = checkpoint_step(cfg.workdir / "dit.safetensors") + dit.init_steps(cfg.dit_init)  # a continuation's too
+    info = {"revision": digest.hexdigest()[:12], "transformer_steps": steps,
             "vae_steps": checkpoint_step(cfg.workdir / "vae.safetensors"),
             "validation": monitor.last_validation(cfg.workdir), "recipe": recipe_of(cfg),
             "latent_mean": model.spec.latent_mean, "latent_std": model.spec.latent_std}
